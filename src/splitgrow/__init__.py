@@ -1,0 +1,25 @@
+"""splitgrow: grow small, fast neural networks by splitting steepest descent.
+
+Public API:
+
+* :func:`splitting_eigen` — every neuron's splitting eigenpairs over a data set;
+* :func:`split_neurons` — split chosen neurons of a model (a new model; the input is untouched);
+* :func:`analyze` — which layers are splittable, their per-channel chains and consumers, and why
+  a layer is not splittable.
+"""
+
+from splitgrow.graph import LayerInfo, ModelStructure, analyze
+from splitgrow.splitting import SplitEigen, splitting_eigen
+from splitgrow.surgery import split_neurons
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LayerInfo",
+    "ModelStructure",
+    "SplitEigen",
+    "__version__",
+    "analyze",
+    "split_neurons",
+    "splitting_eigen",
+]

@@ -1,0 +1,313 @@
+"""``splitting_eigen``: every neuron's splitting eigenpairs over a whole data set."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+from tqdm.auto import tqdm
+
+from splitgrow.graph.analyze import ModelStructure, analyze
+from splitgrow.splitting.activations import DEFAULT_SURROGATE_BETA, describe_surrogate
+from splitgrow.splitting.executor import BATCHNORM_MODES, Executor
+from splitgrow.splitting.local import LayerRecipe, LocalProblem, choose_route
+from splitgrow.splitting.solvers import WHICH, BlockSubspace, extreme_eigenpairs
+
+METHODS = ("exact", "fast", "auto")
+#: ``method="auto"`` uses the exact route while d is at most this and the matrices fit the budget
+AUTO_MAX_D = 512
+AUTO_MAX_BYTES = 1 << 30
+
+LossFn = Callable[[Any, Any], Tensor]
+
+
+@dataclass(frozen=True)
+class SplitEigen:
+    """Splitting eigenpairs of one layer's neurons, in neuron order.
+
+    Attributes:
+        values: ``(n,)`` eigenvalues: λ_min for ``which="min"`` or ``"both"``, λ_max for ``"max"``.
+        vectors: ``(n, d)`` unit eigenvectors of ``values`` (largest component positive).
+        max_values: ``(n,)`` λ_max when ``which="both"``, else ``None``.
+        max_vectors: ``(n, d)`` eigenvectors of ``max_values`` when ``which="both"``.
+        method: ``"exact"`` or ``"fast"`` (what ``"auto"`` chose).
+        route: ``"closed-form"``, ``"general"`` or ``"zero"`` (see ``splitting.local``).
+        surrogate: the second derivative used for ReLU-like activations.
+        batchnorm: ``"running"`` or ``"batch"`` statistics.
+        samples: number of samples the expectation was taken over.
+        passes: data passes used (``1`` for exact).
+        residual: ``(n,)`` relative residual of the fast route (zeros for exact).
+    """
+
+    values: Tensor
+    vectors: Tensor
+    max_values: Tensor | None
+    max_vectors: Tensor | None
+    method: str
+    route: str
+    surrogate: str
+    batchnorm: str
+    samples: int
+    passes: int
+    residual: Tensor
+
+
+def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for p in model.parameters():
+        return p.device, p.dtype
+    raise ValueError("model has no parameters")
+
+
+def _prepare_batch(
+    batch: object, index: int, device: torch.device
+) -> tuple[tuple[Any, ...], Any, int]:
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise ValueError(
+            f"batch {index} must be an (input, target) pair, got {type(batch).__name__}"
+        )
+    inputs, target = batch
+    inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    tensors = [t for t in (*inputs, target) if isinstance(t, Tensor)]
+    if not tensors or not isinstance(inputs[0], Tensor):
+        raise TypeError(
+            f"batch {index}: the input must be a tensor, got {type(inputs[0]).__name__}"
+        )
+    size = int(inputs[0].shape[0]) if inputs[0].dim() else 0
+    if size == 0:
+        raise ValueError(f"batch {index} is empty")
+    for t in tensors:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"batch {index} contains NaN or infinite values")
+    inputs = tuple(t.to(device) if isinstance(t, Tensor) else t for t in inputs)
+    if isinstance(target, Tensor):
+        target = target.to(device)
+    return inputs, target, size
+
+
+class _ModelState:
+    """Puts the model in eval mode and restores every module's flag afterwards."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.flags = {m: m.training for m in model.modules()}
+
+    def __enter__(self) -> None:
+        self.model.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        for m, flag in self.flags.items():
+            m.training = flag
+
+
+def splitting_eigen(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Iterable[Any],
+    *,
+    method: str = "exact",
+    which: str = "min",
+    layers: Iterable[str] | None = None,
+    batchnorm: str = "running",
+    surrogate_beta: float | None = DEFAULT_SURROGATE_BETA,
+    tol: float = 1e-3,
+    block: int = 4,
+    max_passes: int = 64,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, SplitEigen]:
+    """Every neuron's splitting eigenpairs (DESIGN.md §1), keyed by layer name.
+
+    S_i is the Hessian, at zero offsets, of the data set's mean loss of the split network in the
+    offspring offsets ±δ_i; splitting neuron i along v by ε changes the loss by ε²/2·vᵀS_iv + O(ε⁴).
+
+    Args:
+        model: any ``nn.Module`` that ``torch.fx`` can trace. Its parameters, buffers and
+            train/eval flags are left exactly as they were.
+        loss_fn: ``loss_fn(output, target)`` returning the mean loss of a batch.
+        batches: iterable of ``(input, target)`` pairs (a ``DataLoader`` works). The expectation is
+            over all samples: each batch weighs by its size.
+        method: ``"exact"`` (full matrices, batched ``eigh``), ``"fast"`` (block subspace
+            iteration on Hessian-vector products) or ``"auto"`` (exact while d ≤ 512 and the
+            matrices fit in 1 GiB, else fast).
+        which: ``"min"`` (default), ``"max"`` or ``"both"``.
+        layers: names of the layers to compute; default every splittable layer.
+        batchnorm: ``"running"`` statistics (default, the published convention) or ``"batch"``
+            statistics, as training sees them.
+        surrogate_beta: softplus sharpness β of the smooth second derivative given to ReLU-like
+            activations; ``None`` for their exact (almost everywhere zero) second derivative.
+        tol: fast route: relative residual at which an eigenpair is converged.
+        block: fast route: vectors per neuron added to the search space per data pass.
+        max_passes: fast route: most data passes.
+        seed: fast route: seed of the random initial vectors.
+        progress: show a progress bar over the batches.
+
+    Returns:
+        ``{layer name: SplitEigen}`` in graph order.
+
+    Raises:
+        TypeError: ``model`` is not a module or ``loss_fn`` not callable.
+        ValueError: a bad option, an unknown or unsplittable layer (naming it and why), an empty
+            data set, a batch with NaN, a non-scalar or non-finite loss.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    _check_choice("method", method, METHODS)
+    _check_choice("which", which, WHICH)
+    _check_choice("batchnorm", batchnorm, BATCHNORM_MODES)
+    if surrogate_beta is not None and not (
+        isinstance(surrogate_beta, (int, float))
+        and math.isfinite(surrogate_beta)
+        and surrogate_beta > 0
+    ):
+        raise ValueError(
+            f"surrogate_beta must be a positive number or None, got {surrogate_beta!r}"
+        )
+    if not (isinstance(tol, (int, float)) and 0 < tol < 1):
+        raise ValueError(f"tol must be in (0, 1), got {tol!r}")
+    for name, value in (("block", block), ("max_passes", max_passes)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    structure = analyze(model)
+    names = _select_layers(structure, layers)
+    device, dtype = _model_device_dtype(model)
+    modules = dict(structure.graph_module.named_modules())
+    recipes = {}
+    for name in names:
+        info, module = structure.layers[name], modules[name]
+        recipes[name] = LayerRecipe(info, module, choose_route(info, module, batchnorm))
+    executor = Executor(structure.graph_module, batchnorm, surrogate_beta)
+    chosen = {name: _pick_method(method, r.info.n, r.info.d, dtype) for name, r in recipes.items()}
+
+    data = batches if isinstance(batches, (list, tuple)) else list(batches)
+    if not data:
+        raise ValueError("batches is empty: at least one (input, target) pair is needed")
+    gen = torch.Generator().manual_seed(seed)
+    solvers = {
+        name: BlockSubspace(r.info.n, r.info.d, which, block, tol, gen, device)
+        for name, r in recipes.items()
+        if chosen[name] == "fast"
+    }
+    with _ModelState(model):
+        exact_names = [k for k, v in chosen.items() if v == "exact"]
+        matrices, samples = _data_pass(
+            executor, recipes, loss_fn, data, device, exact_names, solvers, dtype, progress
+        )
+        passes = 1
+        while any(not s.converged for s in solvers.values()) and passes < max_passes:
+            _data_pass(executor, recipes, loss_fn, data, device, [], solvers, dtype, progress)
+            passes += 1
+
+    surrogate = describe_surrogate(surrogate_beta)
+    out: dict[str, SplitEigen] = {}
+    for name in names:
+        if chosen[name] == "exact":
+            pairs = extreme_eigenpairs(matrices[name], which)
+            residual = torch.zeros(recipes[name].info.n, dtype=dtype, device=device)
+            used = 1
+        else:
+            pairs = solvers[name].result()
+            residual = solvers[name].residual.to(dtype)
+            used = passes
+        first = pairs["min" if which in ("min", "both") else "max"]
+        second = pairs.get("max") if which == "both" else None
+        out[name] = SplitEigen(
+            values=first[0].to(dtype),
+            vectors=first[1].to(dtype),
+            max_values=None if second is None else second[0].to(dtype),
+            max_vectors=None if second is None else second[1].to(dtype),
+            method=chosen[name],
+            route=recipes[name].route.kind,
+            surrogate=surrogate,
+            batchnorm=batchnorm,
+            samples=samples,
+            passes=used,
+            residual=residual,
+        )
+    return out
+
+
+def _select_layers(structure: ModelStructure, layers: Iterable[str] | None) -> list[str]:
+    if layers is None:
+        names = structure.splittable()
+        if not names:
+            reasons = "; ".join(f"{k}: {v.reason}" for k, v in structure.layers.items())
+            raise ValueError(f"the model has no splittable layer ({reasons or 'no neuron layers'})")
+        return names
+    if isinstance(layers, str):
+        raise TypeError("layers must be an iterable of layer names, not a single string")
+    wanted = list(layers)
+    for name in wanted:
+        structure.require(name)
+    return [k for k in structure.layers if k in set(wanted)]
+
+
+def _pick_method(method: str, n: int, d: int, dtype: torch.dtype) -> str:
+    if method != "auto":
+        return method
+    nbytes = n * d * d * torch.empty((), dtype=dtype).element_size()
+    return "exact" if d <= AUTO_MAX_D and nbytes <= AUTO_MAX_BYTES else "fast"
+
+
+def _data_pass(
+    executor: Executor,
+    recipes: dict[str, LayerRecipe],
+    loss_fn: LossFn,
+    data: Sequence[Any],
+    device: torch.device,
+    exact_names: list[str],
+    solvers: dict[str, BlockSubspace],
+    dtype: torch.dtype,
+    progress: bool,
+) -> tuple[dict[str, Tensor], int]:
+    """One pass over the data: accumulate exact matrices and the solvers' products S·V."""
+    active = {k: s for k, s in solvers.items() if not s.converged}
+    wanted = [recipes[k] for k in (*exact_names, *active)]
+    taps: list[fx.Node] = [t for r in wanted for t in r.taps()]
+    edge_taps = [t for r in wanted for t in r.edge_taps()]
+    keep = [k for r in wanted for k in r.keep()]
+    sums: dict[str, Tensor] = {}
+    total = 0
+    for index, batch in enumerate(tqdm(data, desc="splitting", disable=not progress, leave=False)):
+        inputs, target, size = _prepare_batch(batch, index, device)
+        with torch.enable_grad():
+            output, kept, leaves = executor.forward(
+                inputs, taps=taps, edge_taps=edge_taps, keep=keep
+            )
+            loss = loss_fn(output, target)
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                raise ValueError("loss_fn must return a scalar tensor (the mean loss of the batch)")
+            if not bool(torch.isfinite(loss)):
+                raise ValueError(f"the loss of batch {index} is not finite ({float(loss)})")
+            nodes = list(leaves)
+            grads = torch.autograd.grad(loss, [leaves[n] for n in nodes], allow_unused=True)
+        grad_by_node = {
+            n: torch.zeros_like(leaves[n]) if g is None else g.detach()
+            for n, g in zip(nodes, grads, strict=True)
+        }
+        problems: dict[str, LocalProblem] = {
+            r.info.name: r.problem(executor, kept, grad_by_node) for r in wanted
+        }
+        for name in exact_names:
+            contrib = problems[name].matrices() * size
+            sums[name] = contrib if name not in sums else sums[name] + contrib
+        for name, solver in active.items():
+            v = solver.pending.to(dtype)
+            contrib = problems[name].hvp(v).to(torch.float64) * size
+            sums[name] = contrib if name not in sums else sums[name] + contrib
+        total += size
+        del problems, kept, leaves, grads, grad_by_node
+    for name, solver in active.items():
+        solver.update(sums.pop(name) / total)
+    return {k: v / total for k, v in sums.items()}, total

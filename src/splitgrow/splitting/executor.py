@@ -1,0 +1,216 @@
+"""Runs a traced model for the splitting computations, without touching its state.
+
+The executor walks the ``torch.fx`` graph node by node and substitutes, wherever they occur:
+
+* BatchNorm: running statistics (``batchnorm="running"``) or batch statistics
+  (``batchnorm="batch"``), computed functionally so that no buffer is ever updated;
+* dropout: the identity (the splitting matrix is an expectation of the deterministic network);
+* piecewise-linear activations: the smooth surrogate second derivative (``activations``);
+* in-place activations: their out-of-place versions, so that recorded tensors stay valid.
+
+It can add *taps* — zero leaves requiring grad — to chosen values, so that one ``autograd.grad``
+call returns ∂L/∂(value) for each of them, whatever the ``requires_grad`` flags of the model.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from splitgrow.graph.ops import DROPOUTS
+from splitgrow.splitting.activations import (
+    FUNCTION_KINKS,
+    METHOD_KINKS,
+    MODULE_KINKS,
+    Kinks,
+    with_surrogate,
+)
+
+BATCHNORM_MODES = ("running", "batch")
+
+_DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.alpha_dropout}
+# functions whose ``inplace`` flag may be passed positionally: position of that argument
+_INPLACE_POSITION = {F.relu: 1, F.relu6: 1, F.selu: 1, F.leaky_relu: 2, F.elu: 2, F.celu: 2}
+_INPLACE_POSITION[F.hardtanh] = 3
+
+
+class Executor:
+    """Evaluates a traced model with the substitutions listed in the module docstring.
+
+    Args:
+        graph_module: the traced model (``splitgrow.graph.trace``).
+        batchnorm: ``"running"`` or ``"batch"`` statistics for every BatchNorm.
+        surrogate_beta: softplus sharpness β of the ReLU-like surrogate, or ``None`` for the exact
+            (almost everywhere zero) second derivative.
+    """
+
+    def __init__(
+        self, graph_module: fx.GraphModule, batchnorm: str, surrogate_beta: float | None
+    ) -> None:
+        self.gm = graph_module
+        self.modules = dict(graph_module.named_modules())
+        self.nodes = list(graph_module.graph.nodes)
+        self.batchnorm = batchnorm
+        self.beta = surrogate_beta
+        self._out_of_place: dict[str, nn.Module] = {}
+        last_use: dict[fx.Node, int] = {}
+        for i, node in enumerate(self.nodes):
+            for a in node.all_input_nodes:
+                last_use[a] = i
+        self._last_use = last_use
+
+    # ---------------------------------------------------------------------------------------
+    def run_node(self, node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Evaluate one node of the graph on already evaluated arguments."""
+        if node.op == "call_module":
+            return self._call_module(str(node.target), args, kwargs)
+        if node.op == "call_function":
+            return self._call_function(node.target, args, kwargs)
+        if node.op == "call_method":
+            obj, *rest = args
+            name = str(node.target)
+            if name.endswith("_") and not name.endswith("__") and hasattr(obj, name[:-1]):
+                name = name[:-1]  # in-place method: use its out-of-place twin
+            y = getattr(obj, name)(*rest, **kwargs)
+            if self.beta is not None and name in METHOD_KINKS:
+                y = with_surrogate(y, obj, METHOD_KINKS[name](args, kwargs), self.beta)
+            return y
+        if node.op == "get_attr":
+            value: Any = self.gm
+            for part in str(node.target).split("."):
+                value = getattr(value, part)
+            return value
+        raise RuntimeError(f"unexpected node {node.op} in the traced graph")
+
+    def _call_module(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        m = self.modules[name]
+        if isinstance(m, _BatchNorm):
+            return self.batch_norm(m, args[0])
+        if isinstance(m, DROPOUTS):
+            return args[0]
+        if getattr(m, "inplace", False):
+            if name not in self._out_of_place:
+                twin = copy.copy(m)
+                twin.inplace = False
+                self._out_of_place[name] = twin
+            m = self._out_of_place[name]
+        y = m(*args, **kwargs)
+        if self.beta is not None:
+            kinks = self._module_kinks(m, args[0])
+            if kinks is not None:
+                y = with_surrogate(y, args[0], kinks, self.beta)
+        return y
+
+    def _module_kinks(self, m: nn.Module, z: Tensor) -> Kinks | None:
+        if isinstance(m, nn.PReLU):  # slope a: kink weight 1 − a, per channel when a is
+            a: Tensor = m.weight
+            if a.numel() > 1:
+                a = a.reshape(1, -1, *([1] * max(z.dim() - 2, 0)))
+            return [(0.0, 1.0 - a)]
+        kinks = MODULE_KINKS.get(type(m))
+        return None if kinks is None else kinks(m)
+
+    def _call_function(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if fn in _DROPOUT_FUNCTIONS:
+            return args[0]
+        if kwargs.get("inplace"):
+            kwargs = {**kwargs, "inplace": False}
+        pos = _INPLACE_POSITION.get(fn)
+        if pos is not None and len(args) > pos and args[pos]:
+            args = (*args[:pos], False, *args[pos + 1 :])
+        y = fn(*args, **kwargs)
+        if self.beta is not None and fn in FUNCTION_KINKS:
+            y = with_surrogate(y, args[0], FUNCTION_KINKS[fn](args, kwargs), self.beta)
+        return y
+
+    def batch_norm(self, m: _BatchNorm, x: Tensor) -> Tensor:
+        """BatchNorm with the chosen statistics; never updates the running buffers."""
+        if self.batchnorm == "batch" or m.running_mean is None:
+            return F.batch_norm(x, None, None, m.weight, m.bias, True, 0.0, m.eps)
+        return F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+
+    # ---------------------------------------------------------------------------------------
+    def forward(
+        self,
+        inputs: tuple[Any, ...],
+        *,
+        taps: Iterable[fx.Node] = (),
+        edge_taps: Iterable[fx.Node] = (),
+        keep: Iterable[fx.Node] = (),
+    ) -> tuple[Any, dict[fx.Node, Any], dict[fx.Node, Tensor]]:
+        """Run the whole model.
+
+        Args:
+            inputs: the model's positional inputs.
+            taps: nodes whose output gets a zero leaf added (its grad is ∂L/∂output).
+            edge_taps: consumer nodes whose first argument gets a zero leaf added (its grad is the
+                gradient reaching the consumer through that edge only).
+            keep: nodes whose values are returned.
+
+        Returns:
+            ``(output, kept values, leaves by node)``.
+        """
+        taps, edge_taps, keep = set(taps), set(edge_taps), set(keep)
+        env: dict[fx.Node, Any] = {}
+        kept: dict[fx.Node, Any] = {}
+        leaves: dict[fx.Node, Tensor] = {}
+        placeholders = iter(inputs)
+        output: Any = None
+        for i, node in enumerate(self.nodes):
+            value: Any
+            if node.op == "placeholder":
+                value = next(placeholders, node.args[0] if node.args else None)
+            elif node.op == "output":
+                output = fx.node.map_arg(node.args[0], lambda a: env[a])
+                break
+            else:
+                args = fx.node.map_arg(node.args, lambda a: env[a])
+                kwargs = fx.node.map_arg(node.kwargs, lambda a: env[a])
+                if node in edge_taps:
+                    leaf = torch.zeros_like(args[0], requires_grad=True)
+                    leaves[node] = leaf
+                    args = (args[0] + leaf, *args[1:])
+                value = self.run_node(node, args, kwargs)
+            if node in taps:
+                leaf = torch.zeros_like(value, requires_grad=True)
+                leaves[node] = leaf
+                value = value + leaf
+            env[node] = value
+            if node in keep:
+                kept[node] = value
+            for a in node.all_input_nodes:
+                if self._last_use.get(a) == i:
+                    env.pop(a, None)
+        return output, kept, leaves
+
+    def run_chain(
+        self, chain: Iterable[fx.Node], env: Mapping[fx.Node, Any], wanted: Iterable[fx.Node]
+    ) -> list[Any]:
+        """Evaluate the chain nodes in order from ``env`` (producer output and outside values)."""
+        local = dict(env)
+        for node in chain:
+            args = fx.node.map_arg(node.args, lambda a: local[a])
+            kwargs = fx.node.map_arg(node.kwargs, lambda a: local[a])
+            local[node] = self.run_node(node, args, kwargs)
+        return [local[w] for w in wanted]
+
+    def second_derivative(self, node: fx.Node, z: Tensor) -> Tensor:
+        """σ''(z) of a pointwise activation node, surrogate included (elementwise)."""
+        with torch.enable_grad():
+            z = z.detach().requires_grad_(True)
+            args = (z, *fx.node.map_arg(node.args[1:], lambda a: a))
+            y = self.run_node(node, args, dict(node.kwargs))
+            (d1,) = torch.autograd.grad(y.sum(), z, create_graph=True)
+            if not d1.requires_grad:  # σ' constant: σ'' = 0, plus the surrogate if any
+                return torch.zeros_like(z)
+            (d2,) = torch.autograd.grad(d1.sum(), z, allow_unused=True)
+        return torch.zeros_like(z) if d2 is None else d2
+
+
+__all__ = ["BATCHNORM_MODES", "Executor"]

@@ -1,0 +1,140 @@
+"""Eigen-solvers for many small symmetric matrices at once (one per neuron).
+
+* :func:`extreme_eigenpairs`: exact, batched ``torch.linalg.eigh`` of ``(n, d, d)`` matrices.
+* :class:`BlockSubspace`: the fast route. For every neuron it grows an orthonormal search space
+  from a random block by adding the residuals of the wanted Ritz pairs (a block Davidson / Lanczos
+  method without preconditioner), and after each block of products S·V it solves the projected
+  problem exactly (Rayleigh–Ritz). It needs only products S·V, which for all neurons of all layers
+  cost one Hessian-vector pass over the data per block column. It stops when every wanted Ritz
+  pair's residual ‖S x − θ x‖ is below ``tol`` times the layer's largest |θ| (for a symmetric
+  matrix the eigenvalue error is at most that residual), or when the space is the whole of R^d (it
+  is then exact).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+WHICH = ("min", "max", "both")
+
+
+def canonical_sign(vectors: Tensor) -> Tensor:
+    """Flip each row so that its largest-magnitude component is positive (rows ``(n, d)``)."""
+    idx = vectors.abs().argmax(dim=1, keepdim=True)
+    sign = torch.sign(vectors.gather(1, idx))
+    return vectors * torch.where(sign == 0, torch.ones_like(sign), sign)
+
+
+def extreme_eigenpairs(matrices: Tensor, which: str) -> dict[str, tuple[Tensor, Tensor]]:
+    """Smallest and/or largest eigenpairs of symmetric ``(n, d, d)`` matrices.
+
+    Returns:
+        ``{"min": (values (n,), vectors (n, d)), "max": …}`` for the requested ends.
+    """
+    sym = 0.5 * (matrices + matrices.transpose(1, 2))
+    values, vectors = torch.linalg.eigh(sym)
+    out = {}
+    if which in ("min", "both"):
+        out["min"] = (values[:, 0], canonical_sign(vectors[:, :, 0]))
+    if which in ("max", "both"):
+        out["max"] = (values[:, -1], canonical_sign(vectors[:, :, -1]))
+    return out
+
+
+def _orthonormalize(block: Tensor, basis: Tensor, generator: torch.Generator) -> Tensor:
+    """Columns of ``block`` made orthonormal and orthogonal to ``basis`` (both ``(n, d, ·)``)."""
+    scale = block.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    block = block / scale
+    for _ in range(3):
+        if basis.shape[2]:
+            block = block - basis @ (basis.transpose(1, 2) @ block)
+        q, r = torch.linalg.qr(block)
+        weak = r.diagonal(dim1=1, dim2=2).abs() < 1e-8
+        if weak.any():  # a residual already in the space: restart that column at random
+            noise = torch.randn(q.shape, generator=generator, dtype=q.dtype).to(q.device)
+            q = torch.where(weak.unsqueeze(1), noise, q)
+            block = q
+            continue
+        block = q
+    return block
+
+
+class BlockSubspace:
+    """Rayleigh–Ritz on a growing search space, for ``n`` neurons of dimension ``d`` at once.
+
+    Args:
+        n, d: number of neurons and their dimension.
+        which: ``"min"``, ``"max"`` or ``"both"``.
+        block: columns added per step (per neuron).
+        tol: relative residual at which a Ritz pair is converged.
+        generator: random source of the initial block (CPU generator; reproducible).
+        device: where the state lives. The state is kept in float64.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        d: int,
+        which: str,
+        block: int,
+        tol: float,
+        generator: torch.Generator,
+        device: torch.device,
+    ) -> None:
+        self.n, self.d, self.which, self.tol = n, d, which, tol
+        self.block = max(1, min(block, d))
+        self.gen = generator
+        f64 = torch.float64
+        self.basis = torch.zeros(n, d, 0, dtype=f64, device=device)
+        self.images = torch.zeros(n, d, 0, dtype=f64, device=device)
+        start = torch.randn(n, d, self.block, generator=generator, dtype=torch.float64).to(device)
+        self.pending = _orthonormalize(start, self.basis, generator)
+        self.converged = False
+        self.values = torch.zeros(n, 0, dtype=f64, device=device)
+        self.coords = torch.zeros(n, 0, 0, dtype=f64, device=device)
+        self.residual = torch.full((n,), float("inf"), dtype=f64, device=device)
+
+    def update(self, images: Tensor) -> None:
+        """Take S·pending ``(n, d, m)``, solve the projected problem, choose the next block."""
+        self.basis = torch.cat([self.basis, self.pending], dim=2)
+        self.images = torch.cat([self.images, images.to(torch.float64)], dim=2)
+        projected = self.basis.transpose(1, 2) @ self.images
+        projected = 0.5 * (projected + projected.transpose(1, 2))
+        self.values, self.coords = torch.linalg.eigh(projected)
+        size = self.basis.shape[2]
+        wanted = self._wanted(size)
+        x = self.basis @ self.coords[:, :, wanted]
+        res = self.images @ self.coords[:, :, wanted] - x * self.values[:, None, wanted]
+        res_norm = res.norm(dim=1)  # (n, len(wanted))
+        ends = [0] if self.which == "min" else [size - 1] if self.which == "max" else [0, size - 1]
+        scale = self.values[:, ends].abs().max().clamp_min(torch.finfo(torch.float64).tiny)
+        tracked = torch.stack([res_norm[:, wanted.index(e)] for e in ends], dim=1)
+        self.residual = tracked.max(dim=1).values / scale
+        room = self.d - size
+        if room <= 0 or bool((self.residual <= self.tol).all()):
+            self.converged = True
+            self.pending = self.basis[:, :, :0]
+            return
+        nxt = res[:, :, : min(self.block, room)]
+        self.pending = _orthonormalize(nxt, self.basis, self.gen)
+
+    def _wanted(self, size: int) -> list[int]:
+        k = min(self.block, size)
+        if self.which == "min":
+            return list(range(k))
+        if self.which == "max":
+            return list(range(size - 1, size - 1 - k, -1))
+        lo = list(range(max(1, k // 2)))
+        hi = [size - 1 - i for i in range(max(1, k - len(lo))) if size - 1 - i not in lo]
+        return lo + hi
+
+    def result(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """The current Ritz pairs at the requested ends (values ``(n,)``, vectors ``(n, d)``)."""
+        out = {}
+        size = self.basis.shape[2]
+        for end, col in (("min", 0), ("max", size - 1)):
+            if self.which in (end, "both"):
+                vec = self.basis @ self.coords[:, :, col : col + 1]
+                out[end] = (self.values[:, col], canonical_sign(vec[:, :, 0]))
+        return out

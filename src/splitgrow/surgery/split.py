@@ -1,0 +1,109 @@
+"""``split_neurons``: split chosen neurons of a model into two offspring each."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from splitgrow.graph.analyze import LayerInfo, analyze
+from splitgrow.surgery.handlers import surgery_for
+
+Plan = Mapping[str, tuple[Tensor, Tensor]]
+
+
+def _check_entry(
+    name: str, info: LayerInfo, entry: Any, eps: Any, ref: Tensor
+) -> tuple[Tensor, Tensor]:
+    if not isinstance(entry, (tuple, list)) or len(entry) != 2:
+        raise TypeError(f"plan['{name}'] must be an (indices, directions) pair")
+    idx, dirs = entry
+    if not isinstance(idx, Tensor) or idx.dtype not in (
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+    ):
+        raise TypeError(f"plan['{name}'] indices must be an integer tensor")
+    if idx.dim() != 1:
+        raise ValueError(f"plan['{name}'] indices must have shape (k,), got {tuple(idx.shape)}")
+    idx = idx.to(device=ref.device, dtype=torch.long)
+    k = idx.numel()
+    if k and (int(idx.min()) < 0 or int(idx.max()) >= info.n):
+        raise ValueError(f"plan['{name}'] indices must lie in [0, {info.n}), got {idx.tolist()}")
+    if int(torch.unique(idx).numel()) != k:
+        raise ValueError(f"plan['{name}'] indices contain duplicates: {idx.tolist()}")
+    if not isinstance(dirs, Tensor) or not dirs.is_floating_point():
+        raise TypeError(f"plan['{name}'] directions must be a floating-point tensor")
+    if tuple(dirs.shape) != (k, info.d):
+        raise ValueError(
+            f"plan['{name}'] directions must have shape ({k}, {info.d}), got {tuple(dirs.shape)}"
+        )
+    if not bool(torch.isfinite(dirs).all()):
+        raise ValueError(f"plan['{name}'] directions contain NaN or infinite values")
+    e = eps.get(name, 0.0) if isinstance(eps, Mapping) else eps
+    if isinstance(e, Tensor):
+        if e.dim() > 1 or (e.dim() == 1 and e.numel() != k) or not bool(torch.isfinite(e).all()):
+            raise ValueError(f"eps for '{name}' must be a finite scalar or a ({k},) tensor")
+        e = e.to(device=ref.device, dtype=ref.dtype).reshape(-1, 1) if e.dim() else float(e)
+    elif isinstance(e, bool) or not isinstance(e, (int, float)) or not math.isfinite(e):
+        raise ValueError(f"eps must be a finite number, got {e!r}")
+    return idx, dirs.to(device=ref.device, dtype=ref.dtype) * e
+
+
+def split_neurons(
+    model: nn.Module, plan: Plan, *, eps: float | Mapping[str, float | Tensor]
+) -> nn.Module:
+    """A copy of ``model`` with the planned neurons split (DESIGN.md §1, "Split").
+
+    Neuron i of layer L listed in ``plan[L] = (indices (k,), directions (k, d))`` becomes
+    θ_i + ε·v and gains an offspring θ_i − ε·v, appended as output channel ``n + j`` (j-th listed).
+    Every consumer's input columns of channel i (a whole block after a flatten) are halved and
+    duplicated; BatchNorm parameters and running statistics, depthwise filters and PReLU slopes are
+    copied. At ε = 0 the new model computes the same function. When a layer and its consumer are
+    both split, the rows are split first, then the columns halved (in all rows).
+
+    Args:
+        model: the model; it is not modified.
+        plan: ``{layer name: (indices, directions)}``; directions in θ layout (weight row
+            flattened in PyTorch order, then the bias).
+        eps: step size ε: one number, or per layer a number or a ``(k,)`` tensor.
+
+    Returns:
+        A new model of the same module classes, with consistent ``in_features``,
+        ``out_channels``, ``num_features``, ``groups`` …
+
+    Raises:
+        TypeError/ValueError: naming the bad layer, index, shape or value; ``ValueError`` naming
+            the blocking operation when a layer is not splittable.
+    """
+    if not isinstance(plan, Mapping):
+        raise TypeError(
+            "plan must be a mapping of layer name to (indices, directions), "
+            f"got {type(plan).__name__}"
+        )
+    structure = analyze(model)
+    ref = next(iter(model.parameters()))
+    entries = {}
+    for name, entry in plan.items():
+        info = structure.require(name)
+        entries[name] = (info, *_check_entry(name, info, entry, eps, ref))
+    new = copy.deepcopy(model)
+    modules = dict(new.named_modules())
+    with torch.no_grad():
+        for name, (_, idx, delta) in entries.items():
+            surgery_for(modules[name]).split_out(modules[name], idx, delta)
+        for info, idx, _ in entries.values():
+            for chain_module in info.chain_modules():
+                surgery_for(modules[chain_module]).duplicate_out(modules[chain_module], idx)
+        for info, idx, _ in entries.values():
+            for consumer in info.consumers:
+                surgery_for(modules[consumer.name]).duplicate_in(
+                    modules[consumer.name], idx, consumer.block
+                )
+    return new
