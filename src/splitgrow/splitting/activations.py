@@ -8,33 +8,57 @@ the same sum with each ReLU replaced by softplus of sharpness β (β = 3 is the 
 
     σ''_surrogate(z) = Σ_k c_k · β·s(β(z − t_k))·(1 − s(β(z − t_k))),   s = sigmoid.
 
-The surrogate is applied as ``σ(z) + ½·σ''_surrogate(z₀)·(z − z₀)²`` with ``z₀ = z.detach()``: the
-value and the first derivative stay exactly those of σ, the second derivative at z₀ is the
-surrogate's, for every route (closed form, Hessian-vector products, brute-force Hessians).
+The surrogate is applied as ``σ(z₀) + σ'(z₀)·(z − z₀) + ½·σ''_surrogate(z₀)·(z − z₀)²`` with
+``z₀ = z.detach()`` (:func:`piecewise_apply`): the value and the first derivative stay exactly
+those of σ, the second derivative at z₀ is the surrogate's, for every route (closed form,
+Hessian-vector products, and the tests' brute-force Hessians).
 Hardswish is piecewise quadratic and keeps its exact σ'' = 1/3 on (−3, 3).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+DEFAULT_SURROGATE_BETA = 3.0
+
 #: (t_k, c_k): a ReLU kink at t_k with weight c_k (a tensor for per-channel PReLU slopes)
 Kinks = Sequence[tuple[float, float | Tensor]]
 
-DEFAULT_SURROGATE_BETA = 3.0
 
-#: kinks of piecewise-linear activation modules, from the module's own settings
-MODULE_KINKS: dict[type[nn.Module], Callable[[Any], Kinks]] = {
-    nn.ReLU: lambda m: [(0.0, 1.0)],
-    nn.ReLU6: lambda m: [(0.0, 1.0), (6.0, -1.0)],
-    nn.LeakyReLU: lambda m: [(0.0, 1.0 - m.negative_slope)],
-    nn.Hardtanh: lambda m: [(m.min_val, 1.0), (m.max_val, -1.0)],
-    nn.Hardsigmoid: lambda m: [(-3.0, 1.0 / 6.0), (3.0, -1.0 / 6.0)],
+@dataclass(frozen=True)
+class Piecewise:
+    """σ(z) = slope·z + const + Σ_k c_k·relu(z − t_k): the kinks and the slope left of them."""
+
+    slope: float | Tensor
+    kinks: Kinks
+
+
+_RELU = Piecewise(0.0, [(0.0, 1.0)])
+_RELU6 = Piecewise(0.0, [(0.0, 1.0), (6.0, -1.0)])
+_HARDSIGMOID = Piecewise(0.0, [(-3.0, 1.0 / 6.0), (3.0, -1.0 / 6.0)])
+
+
+def _leaky(slope: float) -> Piecewise:
+    return Piecewise(slope, [(0.0, 1.0 - slope)])
+
+
+def _hardtanh(lo: float, hi: float) -> Piecewise:
+    return Piecewise(0.0, [(lo, 1.0), (hi, -1.0)])
+
+
+#: piecewise-linear activation modules, from the module's own settings
+MODULE_PIECEWISE: dict[type[nn.Module], Callable[[Any], Piecewise]] = {
+    nn.ReLU: lambda m: _RELU,
+    nn.ReLU6: lambda m: _RELU6,
+    nn.LeakyReLU: lambda m: _leaky(m.negative_slope),
+    nn.Hardtanh: lambda m: _hardtanh(m.min_val, m.max_val),
+    nn.Hardsigmoid: lambda m: _HARDSIGMOID,
 }
 
 
@@ -44,22 +68,23 @@ def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], i: int, name: str, defau
     return float(kwargs.get(name, default))
 
 
-#: kinks of piecewise-linear activation functions, from the call's arguments (input first)
-FUNCTION_KINKS: dict[Callable[..., Any], Callable[[tuple[Any, ...], dict[str, Any]], Kinks]] = {
-    F.relu: lambda a, k: [(0.0, 1.0)],
-    torch.relu: lambda a, k: [(0.0, 1.0)],
-    F.relu6: lambda a, k: [(0.0, 1.0), (6.0, -1.0)],
-    F.leaky_relu: lambda a, k: [(0.0, 1.0 - _arg(a, k, 1, "negative_slope", 0.01))],
-    F.hardtanh: lambda a, k: [
-        (_arg(a, k, 1, "min_val", -1.0), 1.0),
-        (_arg(a, k, 2, "max_val", 1.0), -1.0),
-    ],
-    F.hardsigmoid: lambda a, k: [(-3.0, 1.0 / 6.0), (3.0, -1.0 / 6.0)],
+#: piecewise-linear activation functions, from the call's arguments (input first)
+FUNCTION_PIECEWISE: dict[
+    Callable[..., Any], Callable[[tuple[Any, ...], dict[str, Any]], Piecewise]
+] = {
+    F.relu: lambda a, k: _RELU,
+    torch.relu: lambda a, k: _RELU,
+    F.relu6: lambda a, k: _RELU6,
+    F.leaky_relu: lambda a, k: _leaky(_arg(a, k, 1, "negative_slope", 0.01)),
+    F.hardtanh: lambda a, k: _hardtanh(
+        _arg(a, k, 1, "min_val", -1.0), _arg(a, k, 2, "max_val", 1.0)
+    ),
+    F.hardsigmoid: lambda a, k: _HARDSIGMOID,
 }
 
-#: kinks of piecewise-linear tensor methods
-METHOD_KINKS: dict[str, Callable[[tuple[Any, ...], dict[str, Any]], Kinks]] = {
-    "relu": lambda a, k: [(0.0, 1.0)],
+#: piecewise-linear tensor methods
+METHOD_PIECEWISE: dict[str, Callable[[tuple[Any, ...], dict[str, Any]], Piecewise]] = {
+    "relu": lambda a, k: _RELU,
 }
 
 
@@ -69,19 +94,23 @@ def softplus_second_derivative(z: Tensor, beta: float) -> Tensor:
     return beta * s * (1.0 - s)
 
 
-def surrogate_curvature(z: Tensor, kinks: Kinks, beta: float) -> Tensor:
-    """The surrogate second derivative Σ_k c_k·softplus_β''(z − t_k) (module docstring)."""
-    out = torch.zeros_like(z)
-    for t, c in kinks:
-        out = out + c * softplus_second_derivative(z - t, beta)
-    return out
+def piecewise_apply(y: Tensor, z: Tensor, pw: Piecewise, beta: float | None) -> Tensor:
+    """σ(z) with value ``y`` (computed by the real op), exact slope, surrogate curvature.
 
-
-def with_surrogate(y: Tensor, z: Tensor, kinks: Kinks, beta: float) -> Tensor:
-    """``y = σ(z)`` with the surrogate second derivative added at z₀ = z (value unchanged)."""
+    Returns ``y₀ + σ'(z₀)·(z − z₀) + ½·σ''_β(z₀)·(z − z₀)²`` at z₀ = z.detach(): the value is
+    bit-for-bit the op's, the first derivative is the exact slope from the kinks, and the second
+    derivative is the surrogate's (zero when ``beta`` is ``None``). No op's own double backward is
+    needed (``hardsigmoid`` has none in PyTorch).
+    """
     z0 = z.detach()
     dz = z - z0
-    return y + 0.5 * surrogate_curvature(z0, kinks, beta) * dz * dz
+    slope: Tensor | float = pw.slope
+    curvature: Tensor | float = 0.0
+    for t, c in pw.kinks:
+        slope = slope + c * (z0 > t).to(z0.dtype)
+        if beta is not None:
+            curvature = curvature + c * softplus_second_derivative(z0 - t, beta)
+    return y.detach() + slope * dz + 0.5 * curvature * dz * dz
 
 
 def describe_surrogate(beta: float | None) -> str:

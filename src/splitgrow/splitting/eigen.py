@@ -289,7 +289,8 @@ def _data_pass(
             if not isinstance(loss, Tensor) or loss.numel() != 1:
                 raise ValueError("loss_fn must return a scalar tensor (the mean loss of the batch)")
             if not bool(torch.isfinite(loss)):
-                raise ValueError(f"the loss of batch {index} is not finite ({float(loss)})")
+                value = float(loss.detach())
+                raise ValueError(f"the loss of batch {index} is not finite ({value})")
             nodes = list(leaves)
             grads = torch.autograd.grad(loss, [leaves[n] for n in nodes], allow_unused=True)
         grad_by_node = {

@@ -5,7 +5,8 @@ The executor walks the ``torch.fx`` graph node by node and substitutes, wherever
 * BatchNorm: running statistics (``batchnorm="running"``) or batch statistics
   (``batchnorm="batch"``), computed functionally so that no buffer is ever updated;
 * dropout: the identity (the splitting matrix is an expectation of the deterministic network);
-* piecewise-linear activations: the smooth surrogate second derivative (``activations``);
+* piecewise-linear activations: exact value and slope, surrogate second derivative
+  (``activations.piecewise_apply``);
 * in-place activations: their out-of-place versions, so that recorded tensors stay valid.
 
 It can add *taps* — zero leaves requiring grad — to chosen values, so that one ``autograd.grad``
@@ -25,11 +26,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from splitgrow.graph.ops import DROPOUTS
 from splitgrow.splitting.activations import (
-    FUNCTION_KINKS,
-    METHOD_KINKS,
-    MODULE_KINKS,
-    Kinks,
-    with_surrogate,
+    FUNCTION_PIECEWISE,
+    METHOD_PIECEWISE,
+    MODULE_PIECEWISE,
+    Piecewise,
+    piecewise_apply,
 )
 
 BATCHNORM_MODES = ("running", "batch")
@@ -78,8 +79,8 @@ class Executor:
             if name.endswith("_") and not name.endswith("__") and hasattr(obj, name[:-1]):
                 name = name[:-1]  # in-place method: use its out-of-place twin
             y = getattr(obj, name)(*rest, **kwargs)
-            if self.beta is not None and name in METHOD_KINKS:
-                y = with_surrogate(y, obj, METHOD_KINKS[name](args, kwargs), self.beta)
+            if name in METHOD_PIECEWISE:
+                y = piecewise_apply(y, obj, METHOD_PIECEWISE[name](args, kwargs), self.beta)
             return y
         if node.op == "get_attr":
             value: Any = self.gm
@@ -101,20 +102,17 @@ class Executor:
                 self._out_of_place[name] = twin
             m = self._out_of_place[name]
         y = m(*args, **kwargs)
-        if self.beta is not None:
-            kinks = self._module_kinks(m, args[0])
-            if kinks is not None:
-                y = with_surrogate(y, args[0], kinks, self.beta)
-        return y
+        pw = self._module_piecewise(m, args[0])
+        return y if pw is None else piecewise_apply(y, args[0], pw, self.beta)
 
-    def _module_kinks(self, m: nn.Module, z: Tensor) -> Kinks | None:
-        if isinstance(m, nn.PReLU):  # slope a: kink weight 1 − a, per channel when a is
+    def _module_piecewise(self, m: nn.Module, z: Tensor) -> Piecewise | None:
+        if isinstance(m, nn.PReLU):  # slope a left of 0, kink weight 1 − a (per channel)
             a: Tensor = m.weight
             if a.numel() > 1:
                 a = a.reshape(1, -1, *([1] * max(z.dim() - 2, 0)))
-            return [(0.0, 1.0 - a)]
-        kinks = MODULE_KINKS.get(type(m))
-        return None if kinks is None else kinks(m)
+            return Piecewise(a, [(0.0, 1.0 - a)])
+        pw = MODULE_PIECEWISE.get(type(m))
+        return None if pw is None else pw(m)
 
     def _call_function(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if fn in _DROPOUT_FUNCTIONS:
@@ -125,8 +123,8 @@ class Executor:
         if pos is not None and len(args) > pos and args[pos]:
             args = (*args[:pos], False, *args[pos + 1 :])
         y = fn(*args, **kwargs)
-        if self.beta is not None and fn in FUNCTION_KINKS:
-            y = with_surrogate(y, args[0], FUNCTION_KINKS[fn](args, kwargs), self.beta)
+        if fn in FUNCTION_PIECEWISE:
+            y = piecewise_apply(y, args[0], FUNCTION_PIECEWISE[fn](args, kwargs), self.beta)
         return y
 
     def batch_norm(self, m: _BatchNorm, x: Tensor) -> Tensor:

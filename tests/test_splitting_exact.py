@@ -1,0 +1,239 @@
+"""splitting_eigen (exact) against the brute-force Hessian of the split network, in float64."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from _bruteforce import blocks, off_block_max, split_hessian, split_loss_fn
+from _models import REGISTRY, build, loss_fn
+from torch.utils.data import DataLoader, TensorDataset
+
+import splitgrow
+
+CASES = [(name, bn) for name in REGISTRY for bn in ("running", "batch")]
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, scale: float, rel: float = 1e-9) -> None:
+    assert float((a - b).abs().max()) <= rel * max(scale, 1e-30), (a, b)
+
+
+@pytest.mark.parametrize(("name", "batchnorm"), CASES)
+def test_exact_matrices_equal_bruteforce_hessian(name: str, batchnorm: str) -> None:
+    model, batches = build(name)
+    res = splitgrow.splitting_eigen(model, loss_fn, batches, which="both", batchnorm=batchnorm)
+    assert res, "every registry model has splittable layers"
+    for layer, eig in res.items():
+        h = split_hessian(model, layer, loss_fn, batches, batchnorm=batchnorm, beta=3.0)
+        s = blocks(h)
+        scale = float(s.abs().max())
+        assert scale > 0, f"{name}/{layer}: the brute-force splitting matrices vanish"
+        # block-diagonal across neurons, as DESIGN.md §1 states
+        assert off_block_max(h) <= 1e-12 * scale
+        values = torch.linalg.eigvalsh(s)
+        _close(eig.values, values[:, 0], scale)
+        _close(eig.max_values, values[:, -1], scale)
+        # eigenvectors: unit norm, satisfy S v = λ v for the brute-force S
+        assert torch.allclose(eig.vectors.norm(dim=1), torch.ones(len(values), dtype=torch.float64))
+        sv = torch.einsum("nij,nj->ni", s, eig.vectors)
+        _close(sv, eig.values[:, None] * eig.vectors, scale, 1e-8)
+        assert eig.vectors.dtype == torch.float64
+        assert eig.vectors.shape == (eig.values.shape[0], s.shape[1])
+
+
+def test_routes_cover_closed_form_general_and_batch_mode() -> None:
+    """The registry exercises both routes; batch-mode BatchNorm never uses the closed form."""
+    routes = set()
+    for name in REGISTRY:
+        model, batches = build(name)
+        layers = splitgrow.analyze(model).layers
+        for bn in ("running", "batch"):
+            res = splitgrow.splitting_eigen(model, loss_fn, batches, batchnorm=bn)
+            routes |= {(bn, e.route) for e in res.values()}
+            for layer, e in res.items():
+                has_bn = any(c.kind.value == "batchnorm" for c in layers[layer].chain)
+                if bn == "batch" and has_bn:
+                    assert e.route == "general", (name, layer)
+    assert {("running", "closed-form"), ("running", "general"), ("batch", "general")} <= routes
+
+
+def test_mobile_block_first_layer_uses_general_route() -> None:
+    """A depthwise conv between two activations: the closed form would be wrong there."""
+    model, batches = build("mobile_block")
+    res = splitgrow.splitting_eigen(model, loss_fn, batches)
+    assert res["c1"].route == "general"
+    assert res["c2"].route == "closed-form"
+
+
+def test_surrogate_beta_none_uses_exact_relu_curvature() -> None:
+    model, batches = build("relu_mlp")
+    res = splitgrow.splitting_eigen(model, loss_fn, batches, surrogate_beta=None)
+    # fc1 → ReLU → dropout → fc2: zero curvature almost everywhere without a surrogate
+    assert float(res["fc1"].values.abs().max()) == 0.0
+    h = split_hessian(model, "fc2", loss_fn, batches, beta=None)
+    values = torch.linalg.eigvalsh(blocks(h))
+    _close(res["fc2"].values, values[:, 0], float(values.abs().max()) + 1e-30)
+    assert "exact" in res["fc1"].surrogate
+    assert "softplus" in splitgrow.splitting_eigen(model, loss_fn, batches)["fc1"].surrogate
+
+
+def test_surrogate_beta_changes_the_curvature() -> None:
+    model, batches = build("relu_mlp")
+    a = splitgrow.splitting_eigen(model, loss_fn, batches, surrogate_beta=3.0)["fc1"].values
+    b = splitgrow.splitting_eigen(model, loss_fn, batches, surrogate_beta=10.0)["fc1"].values
+    h = split_hessian(model, "fc1", loss_fn, batches, beta=10.0)
+    ref = torch.linalg.eigvalsh(blocks(h))[:, 0]
+    _close(b, ref, float(ref.abs().max()))
+    assert not torch.allclose(a, b)
+
+
+def test_functional_relu_matches_module_relu() -> None:
+    """F.relu / torch.relu / x.relu() in a custom forward get the same surrogate as nn.ReLU."""
+
+    class Net(torch.nn.Module):
+        def __init__(self, how: str) -> None:
+            super().__init__()
+            self.how = how
+            self.fc1, self.fc2 = torch.nn.Linear(5, 6), torch.nn.Linear(6, 3)
+            self.act = torch.nn.ReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.fc1(x)
+            h = {
+                "module": lambda t: self.act(t),
+                "F": torch.nn.functional.relu,
+                "torch": torch.relu,
+                "method": lambda t: t.relu(),
+            }[self.how](h)
+            return self.fc2(h)
+
+    _, batches = build("mlp")
+    results = []
+    for how in ("module", "F", "torch", "method"):
+        torch.manual_seed(3)
+        net = Net(how).double()
+        results.append(splitgrow.splitting_eigen(net, loss_fn, batches)["fc1"].values)
+    for r in results[1:]:
+        assert torch.equal(r, results[0])
+    assert float(results[0].abs().max()) > 0
+
+
+def test_uneven_batches_weigh_by_size() -> None:
+    model, batches = build("cnn1d")
+    whole = (torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))
+    a = splitgrow.splitting_eigen(model, loss_fn, batches, which="both")
+    b = splitgrow.splitting_eigen(model, loss_fn, [whole], which="both")
+    for layer in a:
+        scale = float(b[layer].values.abs().max())
+        _close(a[layer].values, b[layer].values, scale, 1e-12)
+        _close(a[layer].max_values, b[layer].max_values, scale, 1e-12)
+        assert a[layer].samples == b[layer].samples == 11
+
+
+def test_dataloader_and_generator_inputs() -> None:
+    model, batches = build("mlp")
+    x = torch.cat([x for x, _ in batches])
+    y = torch.cat([y for _, y in batches])
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    a = splitgrow.splitting_eigen(model, loss_fn, loader)
+    b = splitgrow.splitting_eigen(model, loss_fn, iter(batches))
+    for layer in a:
+        assert torch.allclose(a[layer].values, b[layer].values, rtol=0, atol=1e-15)
+
+
+def test_which_selects_min_max_both() -> None:
+    model, batches = build("mobile_block")
+    lo = splitgrow.splitting_eigen(model, loss_fn, batches, which="min")
+    hi = splitgrow.splitting_eigen(model, loss_fn, batches, which="max")
+    both = splitgrow.splitting_eigen(model, loss_fn, batches, which="both")
+    for layer in lo:
+        assert torch.equal(lo[layer].values, both[layer].values)
+        assert torch.equal(hi[layer].values, both[layer].max_values)
+        assert lo[layer].max_values is None and hi[layer].max_values is None
+        assert bool((hi[layer].values >= lo[layer].values).all())
+
+
+def test_layers_argument_restricts_and_keeps_values() -> None:
+    model, batches = build("mobile_block")
+    full = splitgrow.splitting_eigen(model, loss_fn, batches)
+    part = splitgrow.splitting_eigen(model, loss_fn, batches, layers=["c2"])
+    assert list(part) == ["c2"]
+    assert torch.equal(part["c2"].values, full["c2"].values)
+
+
+def _state(model: torch.nn.Module) -> tuple:
+    return (
+        {k: v.detach().clone() for k, v in model.state_dict().items()},
+        {n: m.training for n, m in model.named_modules()},
+        {n: p.requires_grad for n, p in model.named_parameters()},
+    )
+
+
+@pytest.mark.parametrize("batchnorm", ["running", "batch"])
+def test_model_state_left_exactly_as_it_was(batchnorm: str) -> None:
+    model, batches = build("mobile_block")
+    model.train()
+    model.b2.eval()  # a mixed state must come back as it was
+    model.c2.weight.requires_grad_(False)
+    before = _state(model)
+    splitgrow.splitting_eigen(model, loss_fn, batches, batchnorm=batchnorm, method="fast")
+    splitgrow.splitting_eigen(model, loss_fn, batches, batchnorm=batchnorm)
+    after = _state(model)
+    assert before[1] == after[1] and before[2] == after[2]
+    for k, v in before[0].items():
+        assert torch.equal(v, after[0][k]), k
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_frozen_model_still_works() -> None:
+    """Gradients are taken with taps, not through the parameters' requires_grad."""
+    model, batches = build("cnn1d")
+    ref = splitgrow.splitting_eigen(model, loss_fn, batches)
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad():
+        out = splitgrow.splitting_eigen(frozen, loss_fn, batches)
+    for layer in ref:
+        assert torch.equal(ref[layer].values, out[layer].values)
+
+
+def test_real_split_matches_second_order_prediction() -> None:
+    """2·ΔL/ε² → λ_min as ε → 0, for the real split made by split_neurons (smooth model)."""
+    model, batches = build("mlp")
+    res = splitgrow.splitting_eigen(model, loss_fn, batches)
+
+    def data_loss(m: torch.nn.Module) -> float:
+        total = sum(len(y) for _, y in batches)
+        with torch.no_grad():
+            return sum(float(loss_fn(m(x), y)) * len(y) for x, y in batches) / total
+
+    base = data_loss(model)
+    for layer, eig in res.items():
+        for i in range(eig.values.shape[0]):
+            plan = {layer: (torch.tensor([i]), eig.vectors[i : i + 1])}
+            errs = []
+            for eps in (1e-1, 1e-2, 1e-3):
+                split = splitgrow.split_neurons(model, plan, eps=eps)
+                errs.append(abs(2 * (data_loss(split) - base) / eps**2 - float(eig.values[i])))
+            scale = float(eig.values.abs().max())
+            assert errs[2] < 1e-4 * scale + 1e-9, (layer, i, errs)
+            assert errs[1] <= errs[0] + 1e-12  # converges as ε → 0
+
+
+def test_no_random_direction_beats_the_min_eigenvector() -> None:
+    model, batches = build("mobile_block")
+    res = splitgrow.splitting_eigen(model, loss_fn, batches)
+    gen = torch.Generator().manual_seed(5)
+    for layer, eig in res.items():
+        f = split_loss_fn(model, layer, loss_fn, batches, beta=3.0)
+        n, d = eig.vectors.shape
+        eps = 1e-3
+        base = float(f(torch.zeros(n, d, dtype=torch.float64)).detach())
+        for _ in range(20):
+            u = torch.randn(n, d, generator=gen, dtype=torch.float64)
+            u = u / u.norm(dim=1, keepdim=True)
+            for i in range(n):
+                delta = torch.zeros(n, d, dtype=torch.float64)
+                delta[i] = eps * u[i]
+                curv = 2 * (float(f(delta).detach()) - base) / eps**2
+                assert curv >= float(eig.values[i]) - 1e-5 * float(eig.values.abs().max())

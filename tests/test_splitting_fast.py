@@ -1,0 +1,86 @@
+"""The fast route (block subspace iteration on Hessian-vector products) against exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _models import REGISTRY, build, loss_fn
+from torch import nn
+
+import splitgrow
+from splitgrow.splitting import eigen as eigen_module
+
+
+def _agreement(fast: torch.Tensor, exact: torch.Tensor) -> float:
+    """Fraction of neurons within 2% of the layer's largest |λ| (the issue's measure)."""
+    scale = float(exact.abs().max())
+    return float(((fast - exact).abs() <= 0.02 * scale).double().mean())
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+@pytest.mark.parametrize("which", ["min", "both"])
+def test_fast_agrees_with_exact_on_registry(name: str, which: str) -> None:
+    model, batches = build(name)
+    exact = splitgrow.splitting_eigen(model, loss_fn, batches, which=which)
+    fast = splitgrow.splitting_eigen(model, loss_fn, batches, which=which, method="fast")
+    for layer, e in exact.items():
+        f = fast[layer]
+        assert f.method == "fast" and e.method == "exact"
+        assert _agreement(f.values, e.values) >= 0.95, layer
+        if which == "both":
+            assert _agreement(f.max_values, e.max_values) >= 0.95, layer
+        assert torch.allclose(f.vectors.norm(dim=1), torch.ones_like(f.values))
+
+
+class Wide(nn.Module):
+    """c1 has d = 8·3·3 + 1 = 73: larger than the search space the fast route needs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(8, 12, 3, padding=1)
+        self.bn = nn.BatchNorm2d(12)
+        self.c2 = nn.Conv2d(12, 10, 1)
+        self.fc = nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.bn(self.c1(x)))
+        h = nn.functional.softplus(self.c2(h)).mean((2, 3))
+        return self.fc(h)
+
+
+def test_fast_converges_before_the_whole_space_on_larger_d() -> None:
+    torch.manual_seed(0)
+    model = Wide().double().eval()
+    gen = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.randn(16, 8, 6, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (16,)))
+        for _ in range(3)
+    ]
+    exact = splitgrow.splitting_eigen(model, loss_fn, batches, which="both")
+    fast = splitgrow.splitting_eigen(
+        model, loss_fn, batches, which="both", method="fast", tol=1e-3, block=4
+    )
+    for layer, e in exact.items():
+        f = fast[layer]
+        assert _agreement(f.values, e.values) >= 0.95
+        assert _agreement(f.max_values, e.max_values) >= 0.95
+        assert float(f.residual.max()) <= 1e-3
+    # the search space stays well below d = 73 for c1: fewer passes than d / block
+    assert fast["c1"].passes < 73 // 4
+
+
+def test_fast_is_reproducible_with_seed() -> None:
+    model, batches = build("mobile_block")
+    a = splitgrow.splitting_eigen(model, loss_fn, batches, method="fast", seed=3)
+    b = splitgrow.splitting_eigen(model, loss_fn, batches, method="fast", seed=3)
+    for layer in a:
+        assert torch.equal(a[layer].values, b[layer].values)
+
+
+def test_auto_picks_by_d(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, batches = build("mobile_block")  # c1: d = 28, c2: d = 5
+    res = splitgrow.splitting_eigen(model, loss_fn, batches, method="auto")
+    assert {e.method for e in res.values()} == {"exact"}
+    monkeypatch.setattr(eigen_module, "AUTO_MAX_D", 20)
+    res = splitgrow.splitting_eigen(model, loss_fn, batches, method="auto")
+    assert res["c1"].method == "fast" and res["c2"].method == "exact"
