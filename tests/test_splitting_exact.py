@@ -55,15 +55,22 @@ def test_routes_cover_closed_form_general_and_batch_mode() -> None:
                 has_bn = any(c.kind.value == "batchnorm" for c in layers[layer].chain)
                 if bn == "batch" and has_bn:
                     assert e.route == "general", (name, layer)
-    assert {("running", "closed-form"), ("running", "general"), ("batch", "general")} <= routes
+    assert {
+        ("running", "closed-form"),
+        ("running", "chain"),
+        ("running", "general"),
+        ("batch", "general"),
+    } <= routes
 
 
-def test_mobile_block_first_layer_uses_general_route() -> None:
+def test_mobile_block_first_layer_uses_chain_route() -> None:
     """A depthwise conv between two activations: the closed form would be wrong there."""
     model, batches = build("mobile_block")
     res = splitgrow.splitting_eigen(model, loss_fn, batches)
-    assert res["c1"].route == "general"
+    assert res["c1"].route == "chain"
     assert res["c2"].route == "closed-form"
+    res = splitgrow.splitting_eigen(model, loss_fn, batches, batchnorm="batch")
+    assert res["c1"].route == res["c2"].route == "general"
 
 
 def test_surrogate_beta_none_uses_exact_relu_curvature() -> None:

@@ -185,7 +185,8 @@ def _follow(
             continue
         if node.op == "output":
             raise Blocked("its channels reach the model output directly")
-        if is_meta(node):
+        if is_meta(node):  # kept in the chain so that re-running it reads the actual sizes
+            info.chain.append(ChainNode(node, StepKind.META, None, layouts[reached[0]]))
             continue
         if len({layouts[a] for a in reached}) > 1:
             raise Blocked(f"{describe(node)} combines the channels in two different layouts")

@@ -60,6 +60,7 @@ class StepKind(Enum):
     ACTIVATION = "activation"  # pointwise non-linear σ with σ'' ≠ 0
     CURVED = "curved"  # non-linear and not a single pointwise σ (e.g. x * sigmoid(x))
     BATCHNORM = "batchnorm"  # affine with running statistics, non-linear with batch statistics
+    META = "meta"  # reads a size or shape of a chain tensor (no channel data flows through)
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
+from torch.func import jvp, vmap
 
 from splitgrow.graph.analyze import LayerInfo
-from splitgrow.graph.ops import StepKind, first_input
+from splitgrow.graph.ops import Layout, StepKind, first_input
 from splitgrow.splitting import neurons
 from splitgrow.splitting.executor import Executor
 
@@ -58,13 +59,25 @@ def _curved(kind: StepKind, batchnorm: str) -> bool:
     return kind in (StepKind.ACTIVATION, StepKind.CURVED)
 
 
+def _outside_inputs(info: LayerInfo) -> list[fx.Node]:
+    chain = {c.node for c in info.chain} | {info.node}
+    return [a for c in info.chain for a in c.node.all_input_nodes if a not in chain]
+
+
 def choose_route(info: LayerInfo, module: nn.Module, batchnorm: str) -> Route:
     """The cheapest route that is provably equal to the general definition for this layer."""
     kinds = {c.node: c.kind for c in info.chain}
     if not any(_curved(k, batchnorm) for k in kinds.values()):
         return Route("zero")
+    # the Jacobian-chain form: linear steps and pointwise activations only, per sample
+    chain_ok = not _outside_inputs(info) and all(
+        k in (StepKind.AFFINE, StepKind.LINEAR, StepKind.ACTIVATION, StepKind.META)
+        or (k == StepKind.BATCHNORM and batchnorm == "running")
+        for k in kinds.values()
+    )
+    fallback = Route("chain") if chain_ok else Route("general")
     if not neurons.handler(module).has_patches(module):
-        return Route("general")
+        return fallback
     members = set(kinds) | {c.node for c in info.consumers}
     prefix: list[fx.Node] = []
     cur = info.node
@@ -72,7 +85,7 @@ def choose_route(info: LayerInfo, module: nn.Module, batchnorm: str) -> Route:
     while True:
         users = [u for u in cur.users if u in members]
         if len(users) != 1 or len(cur.users) != 1 or users[0] not in kinds:
-            return Route("general")
+            return fallback
         nxt = users[0]
         kind = kinds[nxt]
         if kind == StepKind.AFFINE or (kind == StepKind.BATCHNORM and batchnorm == "running"):
@@ -80,12 +93,12 @@ def choose_route(info: LayerInfo, module: nn.Module, batchnorm: str) -> Route:
             cur = nxt
             continue
         if kind != StepKind.ACTIVATION:
-            return Route("general")
+            return fallback
         sigma = nxt
         break
     rest = [k for node, k in kinds.items() if node is not sigma and node not in prefix]
     if any(_curved(k, batchnorm) for k in rest):
-        return Route("general")
+        return fallback
     return Route("closed-form", tuple(prefix), sigma)
 
 
@@ -97,8 +110,13 @@ class LayerRecipe:
     module: nn.Module
     route: Route
 
+    def activations(self) -> list[fx.Node]:
+        return [c.node for c in self.info.chain if c.kind == StepKind.ACTIVATION]
+
     def taps(self) -> list[fx.Node]:
         sigma = self.route.sigma
+        if self.route.kind == "chain":
+            return self.activations()
         return [sigma] if sigma is not None and self.route.kind == "closed-form" else []
 
     def edge_taps(self) -> list[fx.Node]:
@@ -111,9 +129,10 @@ class LayerRecipe:
         if self.route.kind == "closed-form":
             assert self.route.sigma is not None
             nodes += [info.node, first_input(self.route.sigma)]
+        elif self.route.kind == "chain":
+            nodes.append(info.node)
         elif self.route.kind == "general":
-            chain = {c.node for c in info.chain} | {info.node}
-            nodes += [a for c in info.chain for a in c.node.all_input_nodes if a not in chain]
+            nodes += _outside_inputs(info)
         return nodes
 
     def problem(
@@ -141,6 +160,20 @@ class LayerRecipe:
                 th,
             )
         chain_nodes = [c.node for c in info.chain]
+        if self.route.kind == "chain":
+            acts = self.activations()
+            layouts = {c.node: c.layout for c in info.chain}
+            return ChainProblem(
+                ex,
+                self.module,
+                info.node,
+                x,
+                kept[info.node].detach(),
+                th,
+                chain_nodes,
+                {c.node: c.kind for c in info.chain},
+                [(a, layouts[a], grads[a]) for a in acts],
+            )
         outside = {n: v for n, v in kept.items() if n is not first_input(info.node)}
         edges = [(c.node.args[0], grads[c.node]) for c in info.consumers]
         return GeneralProblem(ex, self.module, info.node, x, th, chain_nodes, outside, edges)
@@ -249,3 +282,196 @@ class GeneralProblem(LocalProblem):
     def hvp(self, v: Tensor) -> Tensor:
         v = v.to(self.theta.dtype)
         return torch.stack([self._column(v[:, :, j]) for j in range(v.shape[2])], dim=2)
+
+
+def _to_bnp(t: Tensor, layout: Layout, n: int) -> Tensor:
+    """A chain tensor ``(B, …)`` in layout ``layout`` as ``(B, n, P)`` (channel-major blocks)."""
+    if layout.cdim == -1 and t.dim() > 2:
+        t = t.movedim(-1, 1)
+    return t.reshape(t.shape[0], n, -1)
+
+
+class ChainProblem(LocalProblem):
+    """The Jacobian-chain form, for chains of linear steps and pointwise activations.
+
+    For such a chain the Hessian of φ(θ) = Σ g·h(θ) is a sum over its activations σ_k:
+
+        S_i = Σ_k Σ_{b,q} G_{k,b,i,q} · σ_k''(u_{k,b,i,q}) · J_{k,b,i,q} J_{k,b,i,q}ᵀ,
+
+    with u_k the activation's input, G_k = ∂L/∂(its output) and J_k = ∂u_k/∂θ_i, the linear steps
+    contributing nothing (DESIGN.md §1, "Chains, still in closed form"; the first term is the
+    usual closed form). J is pushed forward by ``torch.func.jvp``, vectorised with ``vmap`` over
+    the d basis directions, in slices of samples (every step acts per sample).
+    """
+
+    def __init__(
+        self,
+        ex: Executor,
+        module: nn.Module,
+        producer: fx.Node,
+        x: Tensor,
+        y: Tensor,
+        th: Tensor,
+        chain: list[fx.Node],
+        kinds: dict[fx.Node, StepKind],
+        acts: list[tuple[fx.Node, Layout, Tensor]],
+    ) -> None:
+        self.ex, self.module, self.producer, self.chain = ex, module, producer, chain
+        self.kinds = kinds
+        self.x, self.y, self.th = x, y, th
+        self.n, self.d = th.shape
+        self.acts = acts
+        self.inputs = [first_input(a) for a, _, _ in acts]
+
+    def _u(self, y: Tensor) -> list[Tensor]:
+        values = self.ex.run_chain(self.chain, {self.producer: y}, self.inputs)
+        pairs = zip(self.inputs, values, strict=True)
+        return [y if node is self.producer else v for node, v in pairs]
+
+    def _push(self, y: Tensor, t: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Activation inputs u_k and their tangents ``(d, …)`` for the batch of tangents ``t``.
+
+        Pointwise steps multiply the tangent by their derivative, computed once from the primal;
+        only steps that mix positions (pools, depthwise convs, reshapes) are pushed with
+        ``vmap(jvp)``. Equivalent to ``vmap(jvp(chain))`` without repeating the primal d times.
+        """
+        primal: dict[fx.Node, Any] = {self.producer: y}
+        tangent: dict[fx.Node, Tensor] = {self.producer: t}
+        for node in self.chain:
+            args = fx.node.map_arg(node.args, lambda a: primal[a])
+            kwargs = fx.node.map_arg(node.kwargs, lambda a: primal[a])
+            kind = self.kinds[node]
+            if kind == StepKind.META:
+                primal[node] = self.ex.run_node(node, args, kwargs)
+                continue
+            chain_in = [a for a in node.all_input_nodes if a in tangent]
+            if kind != StepKind.LINEAR and len(chain_in) == 1 and node.args[0] is chain_in[0]:
+                value, slope = self._pointwise(node, args, kwargs)
+                primal[node], tangent[node] = value, slope * tangent[chain_in[0]]
+                continue
+            primal[node], tangent[node] = self._linear(node, chain_in, primal, tangent)
+        us = [primal[a] for a in self.inputs]
+        return us, [tangent[a] for a in self.inputs]
+
+    def _pointwise(
+        self, node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[Tensor, Tensor]:
+        """Value and elementwise derivative of a pointwise step at its (single) chain input."""
+        with torch.enable_grad():
+            u = args[0].detach().requires_grad_(True)
+            out = self.ex.run_node(node, (u, *args[1:]), kwargs)
+            (slope,) = torch.autograd.grad(out, u, torch.ones_like(out), allow_unused=True)
+        return out.detach(), torch.zeros_like(u) if slope is None else slope
+
+    def _linear(
+        self,
+        node: fx.Node,
+        chain_in: list[fx.Node],
+        primal: dict[fx.Node, Any],
+        tangent: dict[fx.Node, Tensor],
+    ) -> tuple[Tensor, Tensor]:
+        """A step that may mix positions: jvp in its chain inputs, vectorised over the tangents."""
+
+        def run(*values: Tensor) -> Any:
+            env = dict(primal)
+            env.update(zip(chain_in, values, strict=True))
+            args = fx.node.map_arg(node.args, lambda a: env[a])
+            kwargs = fx.node.map_arg(node.kwargs, lambda a: env[a])
+            return self.ex.run_node(node, args, kwargs)
+
+        base = tuple(primal[a] for a in chain_in)
+        value = run(*base)
+        tangents = tuple(tangent[a] for a in chain_in)
+        if _is_selection(node, self.ex.modules):  # max pools: select where the primal does
+            return value, vmap(lambda *ts: jvp(run, base, ts)[1])(*tangents)
+        # an affine step A·u + b: its tangent is A·t = f(t) − f(0)
+        pushed = vmap(run)(*tangents)
+        offset = run(*(torch.zeros_like(b) for b in base))
+        return value, pushed - offset if bool(offset.any()) else pushed
+
+    def _weights(self, us: list[Tensor], rows: slice) -> list[Tensor]:
+        """w_k = G_k·σ_k''(u_k) as ``(n, B·P)`` for the samples ``rows``."""
+        out = []
+        for (node, layout, grad), u in zip(self.acts, us, strict=True):
+            w = grad[rows] * self.ex.second_derivative(node, u)
+            out.append(_to_bnp(w, layout, self.n).transpose(0, 1).reshape(self.n, -1))
+        return out
+
+    def _basis_tangents(self, x: Tensor, y: Tensor) -> Tensor:
+        """∂y/∂θ_{·,j} for every basis direction j, all neurons at once: ``(d, *y.shape)``."""
+        handler = neurons.handler(self.module)
+        patches = handler.patches(self.module, x)  # (B, P, d)
+        if patches is None:
+            eye = torch.eye(self.d, dtype=y.dtype, device=y.device)
+            basis = eye[:, None, :].expand(self.d, self.n, self.d)
+            return vmap(lambda e: neurons.forward(self.module, x, e))(basis)
+        t = patches.permute(2, 0, 1)  # (d, B, P)
+        if isinstance(self.module, nn.Linear):
+            return t.reshape(self.d, *y.shape[:-1], 1).expand(self.d, *y.shape)
+        return t.reshape(self.d, y.shape[0], 1, *y.shape[2:]).expand(self.d, *y.shape)
+
+    @torch.no_grad()
+    def matrices(self) -> Tensor:
+        out = self.th.new_zeros(self.n, self.d, self.d)
+        per_sample = max(1, self.y[0].numel() * self.d)
+        step = max(1, _CHUNK_ELEMENTS // per_sample)
+        for s in range(0, self.y.shape[0], step):
+            rows = slice(s, s + step)
+            x, y = self.x[rows], self.y[rows]
+            us, tangents = self._push(y, self._basis_tangents(x, y))
+            layouts = [layout for _, layout, _ in self.acts]
+            for layout, w, ut in zip(layouts, self._weights(us, rows), tangents, strict=True):
+                if layout.cdim == -1 and ut.dim() > 3:
+                    ut = ut.movedim(-1, 2)  # (d, B, …, n) → (d, B, n, …)
+                j = ut.reshape(self.d, ut.shape[1], self.n, -1).permute(2, 0, 1, 3)
+                j = j.reshape(self.n, self.d, -1)  # (n, d, B·P)
+                out += (j * w[:, None, :]) @ j.transpose(1, 2)
+        return out
+
+    def hvp(self, v: Tensor) -> Tensor:
+        v = v.to(self.th.dtype)
+        with torch.enable_grad():
+            th = self.th.detach().requires_grad_(True)
+            us = self._u(neurons.forward(self.module, self.x, th))
+            weights = self._weights([u.detach() for u in us], slice(None))
+            cols = []
+            for j in range(v.shape[2]):
+                with torch.no_grad():
+                    ydot = neurons.forward(self.module, self.x, v[:, :, j])
+                    udots = jvp(self._u, (self.y,), (ydot,))[1]
+                outs = []
+                for (_, layout, _), w, ud in zip(self.acts, weights, udots, strict=True):
+                    bnp = _to_bnp(ud, layout, self.n).transpose(0, 1).reshape(self.n, -1) * w
+                    outs.append(_from_bnp(bnp, ud, layout, self.n))
+                (col,) = torch.autograd.grad(us, th, outs, retain_graph=True)
+                cols.append(col)
+        return torch.stack(cols, dim=2)
+
+
+_SELECTIONS: tuple[Any, ...] = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    torch.nn.functional.max_pool1d,
+    torch.nn.functional.max_pool2d,
+    torch.nn.functional.adaptive_max_pool1d,
+    torch.nn.functional.adaptive_max_pool2d,
+)
+
+
+def _is_selection(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Piecewise-linear steps that select inputs (max pools): linear only around the primal."""
+    if node.op == "call_module":
+        return isinstance(modules[str(node.target)], _SELECTIONS[:4])
+    return node.op == "call_function" and node.target in _SELECTIONS[4:]
+
+
+def _from_bnp(w: Tensor, like: Tensor, layout: Layout, n: int) -> Tensor:
+    """Inverse of :func:`_to_bnp` applied to ``(n, B·P)``: back to the shape of ``like``."""
+    b = like.shape[0]
+    t = w.reshape(n, b, -1).transpose(0, 1)  # (B, n, P)
+    if layout.cdim == -1 and like.dim() > 2:
+        moved = like.movedim(-1, 1)
+        return t.reshape(moved.shape).movedim(1, -1)
+    return t.reshape(like.shape)
