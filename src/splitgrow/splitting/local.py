@@ -30,8 +30,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
-from torch.func import jvp, vmap
+from torch.func import functional_call, jvp, vmap
 
+from splitgrow._attrs import optional_tensor
 from splitgrow.graph.analyze import LayerInfo
 from splitgrow.graph.ops import Layout, StepKind, first_input
 from splitgrow.splitting import neurons
@@ -291,6 +292,11 @@ def _to_bnp(t: Tensor, layout: Layout, n: int) -> Tensor:
     return t.reshape(t.shape[0], n, -1)
 
 
+def _per_neuron(t: Tensor, layout: Layout, n: int) -> Tensor:
+    """A chain tensor ``(B, …)`` as ``(n, B·P)``: each neuron's values at every sample, position."""
+    return _to_bnp(t, layout, n).transpose(0, 1).reshape(n, -1)
+
+
 class ChainProblem(LocalProblem):
     """The Jacobian-chain form, for chains of linear steps and pointwise activations.
 
@@ -328,15 +334,18 @@ class ChainProblem(LocalProblem):
         pairs = zip(self.inputs, values, strict=True)
         return [y if node is self.producer else v for node, v in pairs]
 
-    def _push(self, y: Tensor, t: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """Activation inputs u_k and their tangents ``(d, …)`` for the batch of tangents ``t``.
+    def _push(
+        self, y: Tensor, t: Tensor
+    ) -> tuple[list[Tensor], list[tuple[Tensor, Tensor | None]]]:
+        """Activation inputs u_k and their tangents for the batch of tangents ``t`` ``(d, …)``.
 
-        Pointwise steps multiply the tangent by their derivative, computed once from the primal;
-        only steps that mix positions (pools, depthwise convs, reshapes) are pushed with
-        ``vmap(jvp)``. Equivalent to ``vmap(jvp(chain))`` without repeating the primal d times.
+        A tangent is kept as ``(base (d, …), scale)`` meaning ``base · scale``: pointwise steps
+        only multiply the unbatched ``scale`` by their derivative, computed once from the primal.
+        Steps that mix positions (pools, depthwise convs, reshapes) materialise it and are pushed
+        with ``vmap``. Equivalent to ``vmap(jvp(chain))`` without repeating the primal d times.
         """
         primal: dict[fx.Node, Any] = {self.producer: y}
-        tangent: dict[fx.Node, Tensor] = {self.producer: t}
+        tangent: dict[fx.Node, tuple[Tensor, Tensor | None]] = {self.producer: (t, None)}
         for node in self.chain:
             args = fx.node.map_arg(node.args, lambda a: primal[a])
             kwargs = fx.node.map_arg(node.kwargs, lambda a: primal[a])
@@ -347,9 +356,13 @@ class ChainProblem(LocalProblem):
             chain_in = [a for a in node.all_input_nodes if a in tangent]
             if kind != StepKind.LINEAR and len(chain_in) == 1 and node.args[0] is chain_in[0]:
                 value, slope = self._pointwise(node, args, kwargs)
-                primal[node], tangent[node] = value, slope * tangent[chain_in[0]]
+                base, scale = tangent[chain_in[0]]
+                primal[node] = value
+                tangent[node] = (base, slope if scale is None else scale * slope)
                 continue
-            primal[node], tangent[node] = self._linear(node, chain_in, primal, tangent)
+            full = [b if sc is None else b * sc for b, sc in (tangent[a] for a in chain_in)]
+            primal[node], pushed = self._linear(node, chain_in, primal, full)
+            tangent[node] = (pushed, None)
         us = [primal[a] for a in self.inputs]
         return us, [tangent[a] for a in self.inputs]
 
@@ -368,33 +381,46 @@ class ChainProblem(LocalProblem):
         node: fx.Node,
         chain_in: list[fx.Node],
         primal: dict[fx.Node, Any],
-        tangent: dict[fx.Node, Tensor],
+        tangents: list[Tensor],
     ) -> tuple[Tensor, Tensor]:
-        """A step that may mix positions: jvp in its chain inputs, vectorised over the tangents."""
+        """A step that may mix positions: its value, and its tangents (vectorised over d)."""
+        bias = None
+        if node.op == "call_module":
+            bias = optional_tensor(self.ex.modules[str(node.target)], "bias")
 
-        def run(*values: Tensor) -> Any:
+        def run(*values: Tensor, without_bias: bool = False) -> Any:
             env = dict(primal)
             env.update(zip(chain_in, values, strict=True))
             args = fx.node.map_arg(node.args, lambda a: env[a])
             kwargs = fx.node.map_arg(node.kwargs, lambda a: env[a])
+            if without_bias and bias is not None:  # a depthwise conv: A·u without its + b
+                module = self.ex.modules[str(node.target)]
+                return functional_call(module, {"bias": torch.zeros_like(bias)}, args, kwargs)
             return self.ex.run_node(node, args, kwargs)
 
         base = tuple(primal[a] for a in chain_in)
         value = run(*base)
-        tangents = tuple(tangent[a] for a in chain_in)
         if _is_selection(node, self.ex.modules):  # max pools: select where the primal does
             return value, vmap(lambda *ts: jvp(run, base, ts)[1])(*tangents)
-        # an affine step A·u + b: its tangent is A·t = f(t) − f(0)
-        pushed = vmap(run)(*tangents)
-        offset = run(*(torch.zeros_like(b) for b in base))
-        return value, pushed - offset if bool(offset.any()) else pushed
+        if len(chain_in) == 1 and len(node.all_input_nodes) == 1:
+            # a per-sample op on one tensor: fold the d tangents into the batch dimension
+            t = tangents[0]
+            out = run(t.reshape(-1, *t.shape[2:]), without_bias=True)
+            pushed = out.reshape(t.shape[0], t.shape[1], *out.shape[1:])
+        else:
+            pushed = vmap(lambda *ts: run(*ts, without_bias=True))(*tangents)
+        if bias is None:  # any other affine step A·u + b: its tangent is A·t = f(t) − f(0)
+            offset = run(*(torch.zeros_like(b) for b in base))
+            if bool(offset.any()):
+                pushed = pushed - offset
+        return value, pushed
 
     def _weights(self, us: list[Tensor], rows: slice) -> list[Tensor]:
         """w_k = G_k·σ_k''(u_k) as ``(n, B·P)`` for the samples ``rows``."""
         out = []
         for (node, layout, grad), u in zip(self.acts, us, strict=True):
             w = grad[rows] * self.ex.second_derivative(node, u)
-            out.append(_to_bnp(w, layout, self.n).transpose(0, 1).reshape(self.n, -1))
+            out.append(_per_neuron(w, layout, self.n))
         return out
 
     def _basis_tangents(self, x: Tensor, y: Tensor) -> Tensor:
@@ -420,7 +446,11 @@ class ChainProblem(LocalProblem):
             x, y = self.x[rows], self.y[rows]
             us, tangents = self._push(y, self._basis_tangents(x, y))
             layouts = [layout for _, layout, _ in self.acts]
-            for layout, w, ut in zip(layouts, self._weights(us, rows), tangents, strict=True):
+            for layout, w, (ut, scale) in zip(
+                layouts, self._weights(us, rows), tangents, strict=True
+            ):
+                if scale is not None:  # J = base·scale: fold scale² into the weights
+                    w = w * _per_neuron(scale, layout, self.n).square()
                 if layout.cdim == -1 and ut.dim() > 3:
                     ut = ut.movedim(-1, 2)  # (d, B, …, n) → (d, B, n, …)
                 j = ut.reshape(self.d, ut.shape[1], self.n, -1).permute(2, 0, 1, 3)
@@ -441,8 +471,7 @@ class ChainProblem(LocalProblem):
                     udots = jvp(self._u, (self.y,), (ydot,))[1]
                 outs = []
                 for (_, layout, _), w, ud in zip(self.acts, weights, udots, strict=True):
-                    bnp = _to_bnp(ud, layout, self.n).transpose(0, 1).reshape(self.n, -1) * w
-                    outs.append(_from_bnp(bnp, ud, layout, self.n))
+                    outs.append(_from_bnp(_per_neuron(ud, layout, self.n) * w, ud, layout, self.n))
                 (col,) = torch.autograd.grad(us, th, outs, retain_graph=True)
                 cols.append(col)
         return torch.stack(cols, dim=2)
