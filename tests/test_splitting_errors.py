@@ -83,3 +83,14 @@ def test_model_without_splittable_layers() -> None:
         ValueError, match="no splittable layer .*0: its channels reach the model output"
     ):
         splitgrow.splitting_eigen(model, loss_fn, batches)
+
+
+def test_exact_refuses_matrices_too_large(monkeypatch: pytest.MonkeyPatch) -> None:
+    from splitgrow.splitting import eigen
+
+    monkeypatch.setattr(eigen, "EXACT_MAX_BYTES", 100)
+    with pytest.raises(
+        ValueError, match="method='exact' needs .* for layer 'net.0' .*use method='fast'"
+    ):
+        _call()
+    assert _call(method="fast")  # the fast route still works

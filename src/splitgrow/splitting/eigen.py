@@ -21,6 +21,8 @@ METHODS = ("exact", "fast", "auto")
 #: ``method="auto"`` uses the exact route while d is at most this and the matrices fit the budget
 AUTO_MAX_D = 512
 AUTO_MAX_BYTES = 1 << 30
+#: ``method="exact"`` refuses a layer whose n matrices of d×d would take more than this
+EXACT_MAX_BYTES = 8 << 30
 
 LossFn = Callable[[Any, Any], Tensor]
 
@@ -189,6 +191,14 @@ def splitting_eigen(
         recipes[name] = LayerRecipe(info, module, choose_route(info, module, batchnorm))
     executor = Executor(structure.graph_module, batchnorm, surrogate_beta)
     chosen = {name: _pick_method(method, r.info.n, r.info.d, dtype) for name, r in recipes.items()}
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    for name, how in chosen.items():
+        n, d = recipes[name].info.n, recipes[name].info.d
+        if how == "exact" and n * d * d * itemsize > EXACT_MAX_BYTES:
+            raise ValueError(
+                f"method='exact' needs {n * d * d * itemsize / 2**30:.1f} GiB for layer '{name}' "
+                f"(n={n}, d={d}); use method='fast' or 'auto'"
+            )
 
     data = batches if isinstance(batches, (list, tuple)) else list(batches)
     if not data:
