@@ -244,3 +244,28 @@ def test_no_random_direction_beats_the_min_eigenvector() -> None:
                 delta[i] = eps * u[i]
                 curv = 2 * (float(f(delta).detach()) - base) / eps**2
                 assert curv >= float(eig.values[i]) - 1e-5 * float(eig.values.abs().max())
+
+
+class NoRunningStats(torch.nn.Module):
+    """BatchNorm without running statistics normalises with batch statistics in every mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(5, 6)
+        self.bn = torch.nn.BatchNorm1d(6, track_running_stats=False)
+        self.fc2 = torch.nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.bn(self.fc1(x))))
+
+
+@pytest.mark.parametrize("batchnorm", ["running", "batch"])
+def test_batchnorm_without_running_statistics(batchnorm: str) -> None:
+    torch.manual_seed(0)
+    model = NoRunningStats().double().eval()
+    _, batches = build("mlp")
+    res = splitgrow.splitting_eigen(model, loss_fn, batches, batchnorm=batchnorm)
+    assert res["fc1"].route == "general"
+    ref = torch.linalg.eigvalsh(blocks(split_hessian(model, "fc1", loss_fn, batches)))[:, 0]
+    _close(res["fc1"].values, ref, float(ref.abs().max()))
+    assert float(ref.abs().max()) > 1e-3

@@ -186,3 +186,53 @@ def test_tracing_restores_training_flags(name: str) -> None:
     model.train()
     analyze(model)
     assert all(m.training for m in model.modules())
+
+
+class Squeezed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv1d(2, 3, 3)
+        self.pool = nn.AdaptiveAvgPool1d(1)
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.pool(torch.tanh(self.c(x))).squeeze(-1))
+
+
+class GapByView(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(2, 3, 3)
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.c(x)) ** 2
+        return self.fc(h.view(h.size(0), h.size(1), -1).mean(-1))
+
+
+@pytest.mark.parametrize("model", [Squeezed(), GapByView()], ids=["squeeze", "view-mean-pow"])
+def test_more_global_pool_idioms_are_splittable(model: nn.Module) -> None:
+    s = analyze(model)
+    assert s.layers["c"].splittable, s.layers["c"].reason
+    assert [(c.name, c.block) for c in s.layers["c"].consumers] == [("fc", 1)]
+
+
+def test_parametrized_layer_reported_with_reason() -> None:
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    net[0] = nn.utils.parametrizations.weight_norm(net[0])
+    info = analyze(net).layers["0"]
+    assert not info.splittable and "weight_norm" in info.reason
+
+
+def test_depthwise_multiplier_named() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.Conv2d(1, 2, 1)
+            self.dw = nn.Conv2d(2, 4, 3, groups=2)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.fc(self.dw(self.c(x)).mean((2, 3)))
+
+    assert "channel multiplier 2" in analyze(Net()).layers["c"].reason

@@ -121,7 +121,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
     except Exception as exc:  # fx raises many kinds of errors for untraceable code
         raise ValueError(
             f"cannot trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc}); "
-            "data-dependent control flow in forward() is not supported"
+            "forward() must be symbolically traceable (no control flow on tensor values)"
         ) from exc
     finally:
         for m, flag in flags.items():
@@ -151,12 +151,23 @@ def analyze(model: nn.Module) -> ModelStructure:
     nodes = list(gm.graph.nodes)
     layers: dict[str, LayerInfo] = {}
     for i, node in enumerate(nodes):
-        if node.op != "call_module" or not is_neuron_layer(modules[str(node.target)]):
+        if node.op != "call_module":
             continue
         name = str(node.target)
         module = modules[name]
+        if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            continue
         n, d, has_bias = _neuron_dims(module)
         info = LayerInfo(name, type(module).__name__, n, d, has_bias, splittable=False, node=node)
+        if not is_neuron_layer(module):
+            if type(module) in (nn.Linear, nn.Conv1d, nn.Conv2d):  # a grouped convolution
+                continue
+            info.reason = (
+                f"{type(module).__name__} is a subclass of a neuron layer (e.g. a weight_norm "
+                "or spectral_norm parametrization); only plain Linear/Conv1d/Conv2d are split"
+            )
+            layers[name] = info
+            continue
         layers[name] = info
         try:
             if calls[name] > 1:

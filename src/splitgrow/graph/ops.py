@@ -201,7 +201,10 @@ def consumer_block(module: nn.Module, layout: Layout, n: int) -> int:
             )
         if not layout.flat:
             if module.in_features != n:
-                raise Blocked(f"consumer has in_features={module.in_features}, expected {n}")
+                raise Blocked(
+                    f"consumer has in_features={module.in_features}, expected {n} (a Linear "
+                    "layer applied to inputs with more than 2 dimensions, then reshaped?)"
+                )
             return 1
         if module.in_features % n:
             raise Blocked(
@@ -284,14 +287,19 @@ def _batchnorm(node: fx.Node, layout: Layout, ctx: RuleContext) -> Step:
     if m.num_features != ctx.n:
         raise Blocked(f"BatchNorm has num_features={m.num_features}, expected {ctx.n}")
     ndim = 2 if layout.ndim is None else layout.ndim
-    return Step(Layout(ndim, 1), StepKind.BATCHNORM, copies_module=True)
+    # without running statistics it always normalises with the batch's: not an affine map
+    kind = StepKind.BATCHNORM if getattr(m, "running_mean", None) is not None else StepKind.CURVED
+    return Step(Layout(ndim, 1), kind, copies_module=True)
 
 
 @register_module_rule(nn.Conv1d, nn.Conv2d)
 def _depthwise(node: fx.Node, layout: Layout, ctx: RuleContext) -> Step:
     m = ctx.module(node)
     if not is_depthwise(m):
-        raise Blocked(f"grouped convolution with groups={m.groups} mixes channels in groups")
+        groups, cin, cout = attr(m, "groups"), attr(m, "in_channels"), attr(m, "out_channels")
+        if groups == cin and cout != cin:
+            raise Blocked(f"depthwise convolution with channel multiplier {cout // cin} (only 1)")
+        raise Blocked(f"grouped convolution with groups={groups} mixes channels in groups")
     _need_spatial(layout, 3 if isinstance(m, nn.Conv1d) else 4, "depthwise convolution")
     if m.in_channels != ctx.n:
         raise Blocked(f"depthwise convolution has {m.in_channels} channels, expected {ctx.n}")
@@ -379,6 +387,24 @@ def _flatten_call(node: fx.Node, layout: Layout, ctx: RuleContext) -> Step:
     return _flatten_from(layout, start, end)
 
 
+def _is_size(arg: Any, dim: int) -> bool:
+    """Whether ``arg`` is a traced ``x.size(dim)`` (or ``x.shape[dim]``)."""
+    if not isinstance(arg, fx.Node):
+        return False
+    if arg.op == "call_method" and arg.target == "size":
+        return len(arg.args) > 1 and bool(arg.args[1] == dim)
+    if arg.op == "call_function" and arg.target is operator.getitem:
+        src = arg.args[0]
+        return bool(
+            arg.args[1] == dim
+            and isinstance(src, fx.Node)
+            and src.op == "call_function"
+            and src.target is getattr
+            and src.args[1] == "shape"
+        )
+    return False
+
+
 @register_method_rule("view", "reshape")
 def _view(node: fx.Node, layout: Layout, ctx: RuleContext) -> Step:
     shape = list(node.args[1:])
@@ -387,6 +413,11 @@ def _view(node: fx.Node, layout: Layout, ctx: RuleContext) -> Step:
     batch_ok = len(shape) == 2 and isinstance(shape[0], fx.Node) and shape[0] not in ctx.chain
     if batch_ok and shape[1] == -1:
         return _flatten_from(layout, 1, -1)
+    if len(shape) == 3 and _is_size(shape[0], 0) and _is_size(shape[1], 1) and shape[2] == -1:
+        # x.view(B, C, -1): the spatial dimensions flattened, channels stay at dimension 1
+        if layout.flat or layout.cdim != 1 or layout.ndim is None or layout.ndim < 3:
+            raise Blocked(f"{describe(node)} of a tensor without spatial dimensions")
+        return Step(Layout(3, 1), StepKind.LINEAR)
     raise Blocked(
         f"{describe(node)} with shape {tuple(str(s) for s in shape)}: only x.view(x.size(0), -1) "
         "keeps channels contiguous and stays valid after a split"
@@ -456,6 +487,26 @@ def _arith(node: fx.Node, layout: Layout, ctx: RuleContext) -> Step:
             raise Blocked(f"{describe(node)} with a non-finite constant")
         return Step(layout, StepKind.AFFINE)
     return Step(layout, StepKind.LINEAR if name in ("add", "sub") else StepKind.CURVED)
+
+
+@register_method_rule("squeeze")
+def _squeeze(node: fx.Node, layout: Layout, ctx: RuleContext) -> Step:
+    dims = node.args[1:] or ([node.kwargs["dim"]] if "dim" in node.kwargs else [])
+    if layout.flat or layout.cdim != 1 or layout.ndim is None or len(dims) != 1:
+        raise Blocked(f"{describe(node)} needs one explicit spatial dimension")
+    dim = dims[0]
+    if not isinstance(dim, int) or dim % layout.ndim < 2:
+        raise Blocked(f"{describe(node)} of dimension {dim}: only spatial dimensions may go")
+    return Step(Layout(layout.ndim - 1, 1), StepKind.LINEAR)
+
+
+@register_function_rule(operator.pow, torch.pow)
+@register_method_rule("pow")
+def _pow(node: fx.Node, layout: Layout, ctx: RuleContext) -> Step:
+    exponent = node.args[1] if len(node.args) > 1 else node.kwargs.get("exponent")
+    if not isinstance(exponent, (int, float)) or not isinstance(node.args[0], fx.Node):
+        raise Blocked(f"{describe(node)} with a non-constant exponent")
+    return Step(layout, StepKind.CURVED)
 
 
 @register_function_rule(operator.neg, torch.neg)
