@@ -269,3 +269,44 @@ def test_batchnorm_without_running_statistics(batchnorm: str) -> None:
     ref = torch.linalg.eigvalsh(blocks(split_hessian(model, "fc1", loss_fn, batches)))[:, 0]
     _close(res["fc1"].values, ref, float(ref.abs().max()))
     assert float(ref.abs().max()) > 1e-3
+
+
+class ViewAfterConv(torch.nn.Module):
+    """x.view(B, -1) right after pointwise steps: the tangents reach the view non-contiguous."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = torch.nn.Conv2d(2, 3, 3)
+        self.fc = torch.nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.c(x))
+        return self.fc(torch.tanh(h.view(h.size(0), -1)))
+
+
+def test_view_inside_a_chain_route() -> None:
+    torch.manual_seed(0)
+    model = ViewAfterConv().double()
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(5, 2, 4, 4, generator=gen, dtype=torch.float64), torch.arange(5) % 3)]
+    res = splitgrow.splitting_eigen(model, loss_fn, batches)
+    assert res["c"].route == "chain"
+    ref = torch.linalg.eigvalsh(blocks(split_hessian(model, "c", loss_fn, batches)))[:, 0]
+    _close(res["c"].values, ref, float(ref.abs().max()))
+
+
+def test_batchnorm1d_after_linear_on_3d_inputs_is_refused_on_data() -> None:
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.f = torch.nn.Linear(5, 4)
+            self.bn = torch.nn.BatchNorm1d(4)
+            self.g = torch.nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 4, 5): BN normalises dim 1
+            return self.g(torch.tanh(self.bn(self.f(x)))).mean(1)
+
+    model = Net().double().eval()
+    batches = [(torch.randn(3, 4, 5, dtype=torch.float64), torch.zeros(3, dtype=torch.long))]
+    with pytest.raises(ValueError, match="layer 'f' gets 3-D inputs, but its BatchNorm1d/PReLU"):
+        splitgrow.splitting_eigen(model, loss_fn, batches)

@@ -9,6 +9,7 @@ from torch import nn
 
 import splitgrow
 from splitgrow.splitting import eigen as eigen_module
+from splitgrow.splitting.solvers import BlockSubspace
 
 
 def _agreement(fast: torch.Tensor, exact: torch.Tensor) -> float:
@@ -84,3 +85,23 @@ def test_auto_picks_by_d(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(eigen_module, "AUTO_MAX_D", 20)
     res = splitgrow.splitting_eigen(model, loss_fn, batches, method="auto")
     assert res["c1"].method == "fast" and res["c2"].method == "exact"
+
+
+@pytest.mark.parametrize("block", [1, 2])
+def test_both_ends_converge_with_small_blocks(block: int) -> None:
+    """which="both" grows the space at both ends, not only the minimum."""
+    gen = torch.Generator().manual_seed(0)
+    d, n = 60, 3
+    q, _ = torch.linalg.qr(torch.randn(n, d, d, generator=gen, dtype=torch.float64))
+    spectrum = torch.linspace(-1, 1, d, dtype=torch.float64).repeat(n, 1)
+    spectrum[:, 0], spectrum[:, -1] = -3.0, 3.0  # isolated ends
+    s = q @ torch.diag_embed(spectrum) @ q.transpose(1, 2)
+    solver = BlockSubspace(n, d, "both", block, 1e-6, gen, torch.device("cpu"))
+    passes = 0
+    while not solver.converged:
+        solver.update(s @ solver.pending)
+        passes += 1
+    out = solver.result()
+    assert torch.allclose(out["min"][0], torch.full((n,), -3.0, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(out["max"][0], torch.full((n,), 3.0, dtype=torch.float64), atol=1e-6)
+    assert passes * max(block, 2) < d  # converged before the space became all of R^d

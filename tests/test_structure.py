@@ -236,3 +236,49 @@ def test_depthwise_multiplier_named() -> None:
             return self.fc(self.dw(self.c(x)).mean((2, 3)))
 
     assert "channel multiplier 2" in analyze(Net()).layers["c"].reason
+
+
+class SqueezeNotUnit(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv1d(2, 4, 3)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # on length 6 the map is 4 long, like n
+        return self.fc(torch.tanh(self.c(x)).squeeze(2))
+
+
+class ViewOtherSize(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 3, 1)
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.c(x))
+        return self.fc(h.view(h.size(0), x.size(1), -1).mean(-1))
+
+
+class KeywordConsumer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.f1 = nn.Linear(3, 4)
+        self.f2 = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.f2(input=torch.tanh(self.f1(x)))
+
+
+@pytest.mark.parametrize(
+    ("model", "layer", "words"),
+    [
+        (SqueezeNotUnit(), "c", "not known to have size 1"),
+        (ViewOtherSize(), "c", "view"),
+        (KeywordConsumer(), "f1", "unsupported argument"),
+    ],
+)
+def test_reshapes_that_would_break_after_a_split_are_refused(
+    model: nn.Module, layer: str, words: str
+) -> None:
+    info = analyze(model).layers[layer]
+    assert not info.splittable and words in info.reason, info.reason

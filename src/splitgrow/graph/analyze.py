@@ -61,6 +61,8 @@ class LayerInfo:
         reason: why not, when ``splittable`` is ``False``.
         chain: per-channel operations between the layer and its consumers, in graph order.
         consumers: the layers whose inputs are the channels.
+        assumes_2d: the chain (BatchNorm1d, PReLU) acts on dimension 1, which holds the neurons
+            only when this Linear layer gets 2-D inputs; ``splitting_eigen`` checks it on data.
     """
 
     name: str
@@ -73,6 +75,7 @@ class LayerInfo:
     node: fx.Node | None = None
     chain: list[ChainNode] = field(default_factory=list)
     consumers: list[Consumer] = field(default_factory=list)
+    assumes_2d: bool = False  # a Linear layer whose chain is valid only on 2-D inputs
 
     def chain_modules(self) -> list[str]:
         """Modules in the chain whose per-channel parameters must be duplicated by a split."""
@@ -203,7 +206,7 @@ def _follow(
             raise Blocked(f"{describe(node)} combines the channels in two different layouts")
         layout = layouts[reached[0]]
         if node.op == "call_module" and is_neuron_layer(modules[str(node.target)]):
-            if node.args[0] not in layouts or len(reached) != 1 or len(node.args) != 1:
+            if len(node.args) != 1 or node.kwargs or node.args[0] not in layouts:
                 raise Blocked(f"{describe(node)} takes the channels in an unsupported argument")
             if calls[str(node.target)] > 1:
                 raise Blocked(
@@ -229,6 +232,7 @@ def _follow(
             module_name = str(node.target)
             if calls[module_name] > 1:
                 raise Blocked(f"{describe(node)} is called more than once (shared weights)")
+        info.assumes_2d = info.assumes_2d or step.assumes_2d
         info.chain.append(ChainNode(node, step.kind, module_name, step.layout))
         layouts[node] = step.layout
         ctx.chain.add(node)

@@ -41,11 +41,14 @@ class Layout:
         cdim: the channel dimension: ``1`` or ``-1`` (last).
         flat: ``True`` after a spatial map was flattened: channel ``c`` then owns a contiguous block
             of features ``[c·P, (c+1)·P)`` whose size ``P`` the consumer determines.
+        unit: ``True`` when every spatial dimension is known to have size 1 (after an adaptive
+            pool to 1 or a mean with ``keepdim=True``), so that ``squeeze`` may drop them.
     """
 
     ndim: int | None
     cdim: int
     flat: bool = False
+    unit: bool = False
 
     def channels_at_dim1(self) -> bool:
         """Whether channels are dimension 1 (``cdim=1``, or a 2-D channel-last tensor)."""
@@ -70,6 +73,7 @@ class Step:
     layout: Layout
     kind: StepKind
     copies_module: bool = False  # the op is a module with per-channel parameters to duplicate
+    assumes_2d: bool = False  # valid only if a Linear producer's output is 2-D (checked on data)
 
 
 @dataclass(frozen=True)
@@ -269,7 +273,7 @@ def _prelu(node: fx.Node, layout: Layout, ctx: RuleContext) -> Step:
         return Step(layout, StepKind.ACTIVATION)
     if layout.flat or not layout.channels_at_dim1() or m.num_parameters != ctx.n:
         raise Blocked(f"PReLU with {m.num_parameters} parameters does not act per producer channel")
-    return Step(layout, StepKind.ACTIVATION, copies_module=True)
+    return Step(layout, StepKind.ACTIVATION, copies_module=True, assumes_2d=layout.ndim is None)
 
 
 @register_module_rule(*DROPOUTS, nn.Identity)
@@ -289,7 +293,7 @@ def _batchnorm(node: fx.Node, layout: Layout, ctx: RuleContext) -> Step:
     ndim = 2 if layout.ndim is None else layout.ndim
     # without running statistics it always normalises with the batch's: not an affine map
     kind = StepKind.BATCHNORM if getattr(m, "running_mean", None) is not None else StepKind.CURVED
-    return Step(Layout(ndim, 1), kind, copies_module=True)
+    return Step(Layout(ndim, 1), kind, copies_module=True, assumes_2d=layout.ndim is None)
 
 
 @register_module_rule(nn.Conv1d, nn.Conv2d)
@@ -303,19 +307,27 @@ def _depthwise(node: fx.Node, layout: Layout, ctx: RuleContext) -> Step:
     _need_spatial(layout, 3 if isinstance(m, nn.Conv1d) else 4, "depthwise convolution")
     if m.in_channels != ctx.n:
         raise Blocked(f"depthwise convolution has {m.in_channels} channels, expected {ctx.n}")
-    return Step(layout, StepKind.LINEAR, copies_module=True)
+    return Step(Layout(layout.ndim, 1), StepKind.LINEAR, copies_module=True)
+
+
+def _to_one(size: Any) -> bool:
+    """Whether an adaptive pool's ``output_size`` makes every spatial dimension 1."""
+    sizes = size if isinstance(size, (tuple, list)) else (size,)
+    return all(s == 1 for s in sizes)
 
 
 @register_module_rule(nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d)
 def _pool1d(node: fx.Node, layout: Layout, ctx: RuleContext) -> Step:
     _need_spatial(layout, 3, "1-D pooling")
-    return Step(layout, StepKind.LINEAR)
+    unit = _to_one(getattr(ctx.module(node), "output_size", None))
+    return Step(Layout(3, 1, unit=unit), StepKind.LINEAR)
 
 
 @register_module_rule(nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 def _pool2d(node: fx.Node, layout: Layout, ctx: RuleContext) -> Step:
     _need_spatial(layout, 4, "2-D pooling")
-    return Step(layout, StepKind.LINEAR)
+    unit = _to_one(getattr(ctx.module(node), "output_size", None))
+    return Step(Layout(4, 1, unit=unit), StepKind.LINEAR)
 
 
 def _flatten_from(layout: Layout, start: int, end: int) -> Step:
@@ -387,22 +399,25 @@ def _flatten_call(node: fx.Node, layout: Layout, ctx: RuleContext) -> Step:
     return _flatten_from(layout, start, end)
 
 
-def _is_size(arg: Any, dim: int) -> bool:
-    """Whether ``arg`` is a traced ``x.size(dim)`` (or ``x.shape[dim]``)."""
+def _size_source(arg: Any, dim: int) -> fx.Node | None:
+    """The tensor whose size ``arg`` reads when it is ``t.size(dim)``, ``t.shape[dim]`` or
+    ``t.size()[dim]``; else ``None``."""
     if not isinstance(arg, fx.Node):
-        return False
-    if arg.op == "call_method" and arg.target == "size":
-        return len(arg.args) > 1 and bool(arg.args[1] == dim)
-    if arg.op == "call_function" and arg.target is operator.getitem:
+        return None
+    if arg.op == "call_method" and arg.target == "size" and len(arg.args) > 1:
         src = arg.args[0]
-        return bool(
-            arg.args[1] == dim
-            and isinstance(src, fx.Node)
-            and src.op == "call_function"
-            and src.target is getattr
-            and src.args[1] == "shape"
-        )
-    return False
+        return src if arg.args[1] == dim and isinstance(src, fx.Node) else None
+    if arg.op == "call_function" and arg.target is operator.getitem and arg.args[1] == dim:
+        whole = arg.args[0]
+        if not isinstance(whole, fx.Node):
+            return None
+        src = whole.args[0] if whole.args else None
+        reads_shape = whole.op == "call_function" and whole.target is getattr
+        reads_shape = reads_shape and whole.args[1] == "shape"
+        reads_size = whole.op == "call_method" and whole.target == "size" and len(whole.args) == 1
+        if (reads_shape or reads_size) and isinstance(src, fx.Node):
+            return src
+    return None
 
 
 @register_method_rule("view", "reshape")
@@ -410,10 +425,10 @@ def _view(node: fx.Node, layout: Layout, ctx: RuleContext) -> Step:
     shape = list(node.args[1:])
     if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
         shape = list(shape[0])
-    batch_ok = len(shape) == 2 and isinstance(shape[0], fx.Node) and shape[0] not in ctx.chain
-    if batch_ok and shape[1] == -1:
+    batch = len(shape) in (2, 3) and _size_source(shape[0], 0) is not None  # any tensor's batch
+    if batch and len(shape) == 2 and shape[1] == -1:
         return _flatten_from(layout, 1, -1)
-    if len(shape) == 3 and _is_size(shape[0], 0) and _is_size(shape[1], 1) and shape[2] == -1:
+    if batch and len(shape) == 3 and _size_source(shape[1], 1) in ctx.chain and shape[2] == -1:
         # x.view(B, C, -1): the spatial dimensions flattened, channels stay at dimension 1
         if layout.flat or layout.cdim != 1 or layout.ndim is None or layout.ndim < 3:
             raise Blocked(f"{describe(node)} of a tensor without spatial dimensions")
@@ -427,7 +442,10 @@ def _view(node: fx.Node, layout: Layout, ctx: RuleContext) -> Step:
 def _pool_fn(ndim: int) -> Rule:
     def rule(node: fx.Node, layout: Layout, ctx: RuleContext) -> Step:
         _need_spatial(layout, ndim, describe(node))
-        return Step(layout, StepKind.LINEAR)
+        name = getattr(node.target, "__name__", "")
+        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+        unit = name.startswith("adaptive") and _to_one(size)
+        return Step(Layout(ndim, 1, unit=unit), StepKind.LINEAR)
 
     return rule
 
@@ -455,8 +473,9 @@ def _reduce(node: fx.Node, layout: Layout, ctx: RuleContext) -> Step:
         raise Blocked(
             f"{describe(node)} must reduce exactly the spatial dimensions {sorted(spatial)}"
         )
-    ndim = layout.ndim if keepdim else 2
-    return Step(Layout(ndim, 1), StepKind.LINEAR)
+    if keepdim:
+        return Step(Layout(layout.ndim, 1, unit=True), StepKind.LINEAR)
+    return Step(Layout(2, 1), StepKind.LINEAR)
 
 
 _ARITH: dict[Any, str] = {
@@ -497,7 +516,10 @@ def _squeeze(node: fx.Node, layout: Layout, ctx: RuleContext) -> Step:
     dim = dims[0]
     if not isinstance(dim, int) or dim % layout.ndim < 2:
         raise Blocked(f"{describe(node)} of dimension {dim}: only spatial dimensions may go")
-    return Step(Layout(layout.ndim - 1, 1), StepKind.LINEAR)
+    if not layout.unit:
+        raise Blocked(f"{describe(node)} of a spatial dimension not known to have size 1")
+    ndim = layout.ndim - 1
+    return Step(Layout(ndim, 1, unit=ndim > 2), StepKind.LINEAR)
 
 
 @register_function_rule(operator.pow, torch.pow)

@@ -142,6 +142,11 @@ class LayerRecipe:
         info = self.info
         assert info.node is not None
         x = kept[first_input(info.node)].detach()
+        if info.assumes_2d and x.dim() != 2:
+            raise ValueError(
+                f"layer '{info.name}' gets {x.dim()}-D inputs, but its BatchNorm1d/PReLU acts on "
+                "dimension 1, which then does not hold its neurons: the layer is not splittable"
+            )
         th = neurons.theta(self.module).to(x.dtype)
         if self.route.kind == "zero":
             return ZeroProblem(th.shape[0], th.shape[1], th)
@@ -408,7 +413,8 @@ class ChainProblem(LocalProblem):
             out = run(t.reshape(-1, *t.shape[2:]), without_bias=True)
             pushed = out.reshape(t.shape[0], t.shape[1], *out.shape[1:])
         else:
-            pushed = vmap(lambda *ts: run(*ts, without_bias=True))(*tangents)
+            contiguous = [t.contiguous() for t in tangents]  # views inside vmap need it
+            pushed = vmap(lambda *ts: run(*ts, without_bias=True))(*contiguous)
         if bias is None:  # any other affine step A·u + b: its tangent is A·t = f(t) − f(0)
             offset = run(*(torch.zeros_like(b) for b in base))
             if bool(offset.any()):

@@ -44,20 +44,24 @@ def extreme_eigenpairs(matrices: Tensor, which: str) -> dict[str, tuple[Tensor, 
 
 def _orthonormalize(block: Tensor, basis: Tensor, generator: torch.Generator) -> Tensor:
     """Columns of ``block`` made orthonormal and orthogonal to ``basis`` (both ``(n, d, ·)``)."""
-    scale = block.norm(dim=1, keepdim=True).clamp_min(1e-300)
-    block = block / scale
-    for _ in range(3):
-        if basis.shape[2]:
-            block = block - basis @ (basis.transpose(1, 2) @ block)
-        q, r = torch.linalg.qr(block)
-        weak = r.diagonal(dim1=1, dim2=2).abs() < 1e-8
-        if weak.any():  # a residual already in the space: restart that column at random
-            noise = torch.randn(q.shape, generator=generator, dtype=q.dtype).to(q.device)
-            q = torch.where(weak.unsqueeze(1), noise, q)
-            block = q
-            continue
-        block = q
-    return block
+
+    def unit(t: Tensor) -> Tensor:
+        return t / t.norm(dim=1, keepdim=True).clamp_min(1e-300)
+
+    def project(t: Tensor) -> Tensor:
+        return t - basis @ (basis.transpose(1, 2) @ t) if basis.shape[2] else t
+
+    block = unit(block)
+    for attempt in range(4):
+        q, r = torch.linalg.qr(project(block))
+        weak = r.diagonal(dim1=1, dim2=2).abs() < 1e-8  # columns (nearly) inside the space
+        if not bool(weak.any()) or attempt == 3:
+            break
+        # restart those columns from random vectors
+        noise = unit(torch.randn(q.shape, generator=generator, dtype=q.dtype).to(q.device))
+        block = torch.where(weak.unsqueeze(1), noise, q)
+    q, _ = torch.linalg.qr(project(q))  # a second pass restores orthogonality (Kahan–Parlett)
+    return q
 
 
 class BlockSubspace:
@@ -83,7 +87,9 @@ class BlockSubspace:
         device: torch.device,
     ) -> None:
         self.n, self.d, self.which, self.tol = n, d, which, tol
-        self.block = max(1, min(block, d))
+        # "both" tracks two ends: at least one new column for each
+        self.block = max(2 if which == "both" else 1, min(block, d))
+        self.block = min(self.block, d)
         self.gen = generator
         f64 = torch.float64
         self.basis = torch.zeros(n, d, 0, dtype=f64, device=device)
