@@ -20,7 +20,12 @@ h'' = σ''(z)·c²·x xᵀ and
 
 with g = ∂L/∂σ-output, z the activation input, c the affine scale, x̃ the input patch with a 1 for
 the bias. :class:`ClosedFormProblem` computes it with matrix products. Without any curved step
-S = 0. Both are tested against the brute-force Hessian of the split network.
+S = 0.
+
+**Jacobian chain.** When the chain holds only linear steps (depthwise convs, pools, flatten, eval
+BatchNorm …) and pointwise activations, in any number and order, :class:`ChainProblem` sums one
+such term per activation, with the Jacobian of the activation's input pushed forward through the
+chain. Every route is tested against the brute-force Hessian of the split network.
 """
 
 from __future__ import annotations
@@ -45,8 +50,9 @@ _CHUNK_ELEMENTS = 1 << 24  # bound on the temporary (k, B·P, d) tensor of the c
 class Route:
     """How a layer's splitting matrices are computed.
 
-    ``kind`` is ``"closed-form"``, ``"zero"`` (no curvature in the chain: S = 0) or ``"general"``.
-    For the closed form, ``prefix`` are the affine steps before the activation ``sigma``.
+    ``kind`` is ``"closed-form"``, ``"chain"``, ``"general"`` or ``"zero"`` (no curvature in the
+    chain: S = 0). For the closed form, ``prefix`` are the affine steps before the activation
+    ``sigma``.
     """
 
     kind: str
