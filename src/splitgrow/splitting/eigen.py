@@ -291,7 +291,8 @@ def _data_pass(
     total = 0
     for index, batch in enumerate(tqdm(data, desc="splitting", disable=not progress, leave=False)):
         inputs, target, size = _prepare_batch(batch, index, device)
-        with torch.enable_grad():
+        # the taps' gradients are first derivatives: the surrogate's curvature is not needed
+        with torch.enable_grad(), executor.first_order():
             output, kept, leaves = executor.forward(
                 inputs, taps=taps, edge_taps=edge_taps, keep=keep
             )

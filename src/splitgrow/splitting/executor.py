@@ -15,8 +15,9 @@ call returns ∂L/∂(value) for each of them, whatever the ``requires_grad`` fl
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -59,6 +60,7 @@ class Executor:
         self.nodes = list(graph_module.graph.nodes)
         self.batchnorm = batchnorm
         self.beta = surrogate_beta
+        self._curvature = True
         self._out_of_place: dict[str, nn.Module] = {}
         last_use: dict[fx.Node, int] = {}
         for i, node in enumerate(self.nodes):
@@ -67,6 +69,19 @@ class Executor:
         self._last_use = last_use
 
     # ---------------------------------------------------------------------------------------
+    def _beta(self) -> float | None:
+        return self.beta if self._curvature else None
+
+    @contextlib.contextmanager
+    def first_order(self) -> Iterator[None]:
+        """Within this block values and first derivatives are exact but the surrogate's
+        curvature is left out (it only matters to second derivatives): cheaper."""
+        previous, self._curvature = self._curvature, False
+        try:
+            yield
+        finally:
+            self._curvature = previous
+
     def run_node(self, node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Evaluate one node of the graph on already evaluated arguments."""
         if node.op == "call_module":
@@ -80,7 +95,7 @@ class Executor:
                 name = name[:-1]  # in-place method: use its out-of-place twin
             y = getattr(obj, name)(*rest, **kwargs)
             if name in METHOD_PIECEWISE:
-                y = piecewise_apply(y, obj, METHOD_PIECEWISE[name](args, kwargs), self.beta)
+                y = piecewise_apply(y, obj, METHOD_PIECEWISE[name](args, kwargs), self._beta())
             return y
         if node.op == "get_attr":
             value: Any = self.gm
@@ -103,7 +118,7 @@ class Executor:
             m = self._out_of_place[name]
         y = m(*args, **kwargs)
         pw = self._module_piecewise(m, args[0])
-        return y if pw is None else piecewise_apply(y, args[0], pw, self.beta)
+        return y if pw is None else piecewise_apply(y, args[0], pw, self._beta())
 
     def _module_piecewise(self, m: nn.Module, z: Tensor) -> Piecewise | None:
         if isinstance(m, nn.PReLU):  # slope a left of 0, kink weight 1 − a (per channel)
@@ -124,7 +139,7 @@ class Executor:
             args = (*args[:pos], False, *args[pos + 1 :])
         y = fn(*args, **kwargs)
         if fn in FUNCTION_PIECEWISE:
-            y = piecewise_apply(y, args[0], FUNCTION_PIECEWISE[fn](args, kwargs), self.beta)
+            y = piecewise_apply(y, args[0], FUNCTION_PIECEWISE[fn](args, kwargs), self._beta())
         return y
 
     def batch_norm(self, m: _BatchNorm, x: Tensor) -> Tensor:

@@ -197,7 +197,7 @@ def _affine_scale(
     """c = ∂z/∂y of the pointwise affine prefix (elementwise, shaped like y)."""
     if not prefix:
         return torch.ones_like(y)
-    with torch.enable_grad():
+    with torch.enable_grad(), ex.first_order():
         y_ = y.detach().requires_grad_(True)
         (z,) = ex.run_chain(prefix, {producer: y_}, [prefix[-1]])
         (c,) = torch.autograd.grad(z, y_, torch.ones_like(z))
@@ -341,7 +341,8 @@ class ChainProblem(LocalProblem):
         self.inputs = [first_input(a) for a, _, _ in acts]
 
     def _u(self, y: Tensor) -> list[Tensor]:
-        values = self.ex.run_chain(self.chain, {self.producer: y}, self.inputs)
+        with self.ex.first_order():  # values and first derivatives only
+            values = self.ex.run_chain(self.chain, {self.producer: y}, self.inputs)
         pairs = zip(self.inputs, values, strict=True)
         return [y if node is self.producer else v for node, v in pairs]
 
@@ -381,7 +382,7 @@ class ChainProblem(LocalProblem):
         self, node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[Tensor, Tensor]:
         """Value and elementwise derivative of a pointwise step at its (single) chain input."""
-        with torch.enable_grad():
+        with torch.enable_grad(), self.ex.first_order():
             u = args[0].detach().requires_grad_(True)
             out = self.ex.run_node(node, (u, *args[1:]), kwargs)
             (slope,) = torch.autograd.grad(out, u, torch.ones_like(out), allow_unused=True)
@@ -407,7 +408,8 @@ class ChainProblem(LocalProblem):
             if without_bias and bias is not None:  # a depthwise conv: A·u without its + b
                 module = self.ex.modules[str(node.target)]
                 return functional_call(module, {"bias": torch.zeros_like(bias)}, args, kwargs)
-            return self.ex.run_node(node, args, kwargs)
+            with self.ex.first_order():
+                return self.ex.run_node(node, args, kwargs)
 
         base = tuple(primal[a] for a in chain_in)
         value = run(*base)
@@ -428,12 +430,11 @@ class ChainProblem(LocalProblem):
         return value, pushed
 
     def _weights(self, us: list[Tensor], rows: slice) -> list[Tensor]:
-        """w_k = G_k·σ_k''(u_k) as ``(n, B·P)`` for the samples ``rows``."""
-        out = []
-        for (node, layout, grad), u in zip(self.acts, us, strict=True):
-            w = grad[rows] * self.ex.second_derivative(node, u)
-            out.append(_per_neuron(w, layout, self.n))
-        return out
+        """w_k = G_k·σ_k''(u_k), shaped like u_k, for the samples ``rows``."""
+        return [
+            grad[rows] * self.ex.second_derivative(node, u)
+            for (node, _, grad), u in zip(self.acts, us, strict=True)
+        ]
 
     def _basis_tangents(self, x: Tensor, y: Tensor) -> Tensor:
         """∂y/∂θ_{·,j} for every basis direction j, all neurons at once: ``(d, *y.shape)``."""
@@ -458,11 +459,12 @@ class ChainProblem(LocalProblem):
             x, y = self.x[rows], self.y[rows]
             us, tangents = self._push(y, self._basis_tangents(x, y))
             layouts = [layout for _, layout, _ in self.acts]
-            for layout, w, (ut, scale) in zip(
+            for layout, wu, (ut, scale) in zip(
                 layouts, self._weights(us, rows), tangents, strict=True
             ):
                 if scale is not None:  # J = base·scale: fold scale² into the weights
-                    w = w * _per_neuron(scale, layout, self.n).square()
+                    wu = wu * scale.square()
+                w = _per_neuron(wu, layout, self.n)
                 if layout.cdim == -1 and ut.dim() > 3:
                     ut = ut.movedim(-1, 2)  # (d, B, …, n) → (d, B, n, …)
                 j = ut.reshape(self.d, ut.shape[1], self.n, -1).permute(2, 0, 1, 3)
@@ -471,22 +473,21 @@ class ChainProblem(LocalProblem):
         return out
 
     def hvp(self, v: Tensor) -> Tensor:
+        """S·v for every column of ``v`` ``(n, d, m)`` at once: push J·v forward, weight it, and
+        pull Jᵀ(w ⊙ J·v) back with one batched backward pass."""
         v = v.to(self.th.dtype)
+        with torch.no_grad():
+            ydot = vmap(lambda col: neurons.forward(self.module, self.x, col), in_dims=2)(v)
+            us, tangents = self._push(self.y, ydot)  # (m, B, …) tangents of each u_k
+            pulled = [
+                w * (base if scale is None else base * scale)
+                for w, (base, scale) in zip(self._weights(us, slice(None)), tangents, strict=True)
+            ]
         with torch.enable_grad():
             th = self.th.detach().requires_grad_(True)
-            us = self._u(neurons.forward(self.module, self.x, th))
-            weights = self._weights([u.detach() for u in us], slice(None))
-            cols = []
-            for j in range(v.shape[2]):
-                with torch.no_grad():
-                    ydot = neurons.forward(self.module, self.x, v[:, :, j])
-                    udots = jvp(self._u, (self.y,), (ydot,))[1]
-                outs = []
-                for (_, layout, _), w, ud in zip(self.acts, weights, udots, strict=True):
-                    outs.append(_from_bnp(_per_neuron(ud, layout, self.n) * w, ud, layout, self.n))
-                (col,) = torch.autograd.grad(us, th, outs, retain_graph=True)
-                cols.append(col)
-        return torch.stack(cols, dim=2)
+            outs = self._u(neurons.forward(self.module, self.x, th))
+            (cols,) = torch.autograd.grad(outs, th, pulled, is_grads_batched=True)
+        return cols.permute(1, 2, 0)  # (m, n, d) → (n, d, m)
 
 
 _SELECTIONS: tuple[Any, ...] = (
