@@ -374,11 +374,12 @@ ACTIVATION_FUNCTIONS: tuple[Callable[..., Any], ...] = (
     torch.tanh,
     F.sigmoid,
     F.tanh,
+    torch.exp,
 )
 
 
 @register_function_rule(*ACTIVATION_FUNCTIONS)
-@register_method_rule("relu", "sigmoid", "tanh")
+@register_method_rule("relu", "sigmoid", "tanh", "exp")
 def _activation_call(node: fx.Node, layout: Layout, ctx: RuleContext) -> Step:
     return Step(layout, StepKind.ACTIVATION)
 
