@@ -302,8 +302,12 @@ def _data_pass(
             if not bool(torch.isfinite(loss)):
                 value = float(loss.detach())
                 raise ValueError(f"the loss of batch {index} is not finite ({value})")
-            nodes = list(leaves)
-            grads = torch.autograd.grad(loss, [leaves[n] for n in nodes], allow_unused=True)
+            nodes = list(leaves)  # none when every layer's chain is free of curvature
+            grads = (
+                torch.autograd.grad(loss, [leaves[n] for n in nodes], allow_unused=True)
+                if nodes
+                else ()
+            )
         grad_by_node = {
             n: torch.zeros_like(leaves[n]) if g is None else g.detach()
             for n, g in zip(nodes, grads, strict=True)
