@@ -40,6 +40,7 @@ def _call(**kw):  # type: ignore[no-untyped-def]
         ({"layers": ["net.4"]}, ValueError, "layer 'net.4' is not splittable: its channels reach"),
         ({"layers": "net.0"}, TypeError, "not a single string"),
         ({"batches": []}, ValueError, "batches is empty"),
+        ({"batches": iter([])}, ValueError, "batches is empty"),
         (
             {"batches": [torch.zeros(2, 5)]},
             ValueError,

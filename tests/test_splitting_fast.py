@@ -105,3 +105,18 @@ def test_both_ends_converge_with_small_blocks(block: int) -> None:
     assert torch.allclose(out["min"][0], torch.full((n,), -3.0, dtype=torch.float64), atol=1e-6)
     assert torch.allclose(out["max"][0], torch.full((n,), 3.0, dtype=torch.float64), atol=1e-6)
     assert passes * max(block, 2) < d  # converged before the space became all of R^d
+
+
+def test_fast_with_a_one_shot_generator_and_a_dataloader() -> None:
+    """Several passes over data given as a generator (kept) or a DataLoader (re-iterated)."""
+    model, batches = build("mobile_block")
+    ref = splitgrow.splitting_eigen(model, loss_fn, batches, method="fast")
+    gen = splitgrow.splitting_eigen(model, loss_fn, (b for b in batches), method="fast")
+    x = torch.cat([x for x, _ in batches])
+    y = torch.cat([y for _, y in batches])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    dl = splitgrow.splitting_eigen(model, loss_fn, loader, method="fast")
+    for layer, e in ref.items():
+        assert e.passes > 1
+        assert torch.allclose(gen[layer].values, e.values, rtol=0, atol=1e-12)
+        assert torch.allclose(dl[layer].values, e.values, rtol=0, atol=1e-12)

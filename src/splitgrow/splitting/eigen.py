@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -200,9 +200,8 @@ def splitting_eigen(
                 f"(n={n}, d={d}); use method='fast' or 'auto'"
             )
 
-    data = batches if isinstance(batches, (list, tuple)) else list(batches)
-    if not data:
-        raise ValueError("batches is empty: at least one (input, target) pair is needed")
+    # a DataLoader or list is iterated once per pass; only a one-shot iterator is kept in memory
+    data: Iterable[Any] = list(batches) if isinstance(batches, Iterator) else batches
     gen = torch.Generator().manual_seed(seed)
     solvers = {
         name: BlockSubspace(r.info.n, r.info.d, which, block, tol, gen, device)
@@ -274,7 +273,7 @@ def _data_pass(
     executor: Executor,
     recipes: dict[str, LayerRecipe],
     loss_fn: LossFn,
-    data: Sequence[Any],
+    data: Iterable[Any],
     device: torch.device,
     exact_names: list[str],
     solvers: dict[str, BlockSubspace],
@@ -324,6 +323,8 @@ def _data_pass(
             sums[name] = contrib if name not in sums else sums[name] + contrib
         total += size
         del problems, kept, leaves, grads, grad_by_node
+    if total == 0:
+        raise ValueError("batches is empty: at least one (input, target) pair is needed")
     for name, solver in active.items():
         solver.update(sums.pop(name) / total)
     return {k: v / total for k, v in sums.items()}, total
