@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -56,6 +57,19 @@ def _check_entry(
     return idx, dirs.to(device=ref.device, dtype=ref.dtype) * e
 
 
+@dataclass(frozen=True)
+class Growth:
+    """How one parameter or buffer grew: along ``dim``, new slot ``j`` copies old slot
+    ``source[j]`` (the first ``old size`` slots are the old ones, in order)."""
+
+    dim: int
+    source: Tensor
+
+
+#: ``{qualified parameter or buffer name: growths, in the order they were applied}``
+GrowthMap = dict[str, list[Growth]]
+
+
 def split_neurons(
     model: nn.Module, plan: Plan, *, eps: float | Mapping[str, float | Tensor]
 ) -> nn.Module:
@@ -82,6 +96,14 @@ def split_neurons(
         TypeError/ValueError: naming the bad layer, index, shape or value; ``ValueError`` naming
             the blocking operation when a layer is not splittable.
     """
+    return split_with_growth(model, plan, eps=eps)[0]
+
+
+def split_with_growth(
+    model: nn.Module, plan: Plan, *, eps: float | Mapping[str, float | Tensor]
+) -> tuple[nn.Module, GrowthMap]:
+    """:func:`split_neurons`, also returning which old slot every new row and column copies
+    (what :func:`splitgrow.surgery.optimizer.carry_state` needs to grow optimizer state)."""
     if not isinstance(plan, Mapping):
         raise TypeError(
             "plan must be a mapping of layer name to (indices, directions), "
@@ -95,15 +117,39 @@ def split_neurons(
         entries[name] = (info, *_check_entry(name, info, entry, eps, ref))
     new = copy.deepcopy(model)
     modules = dict(new.named_modules())
+    growth: GrowthMap = {}
+
+    def grew(module: str, dim: int, source: Tensor) -> None:
+        """Record that every tensor of ``module`` grew along ``dim`` (all of them do)."""
+        m = modules[module]
+        tensors = [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]
+        for tname, value in tensors:
+            if value.dim() > dim and value.shape[dim] == source.numel():
+                growth.setdefault(f"{module}.{tname}", []).append(Growth(dim, source))
+
     with torch.no_grad():
-        for name, (_, idx, delta) in entries.items():
+        for name, (info, idx, delta) in entries.items():
             surgery_for(modules[name]).split_out(modules[name], idx, delta)
+            grew(name, 0, _rows(info.n, idx))
         for info, idx, _ in entries.values():
             for chain_module in info.chain_modules():
                 surgery_for(modules[chain_module]).duplicate_out(modules[chain_module], idx)
+                grew(chain_module, 0, _rows(info.n, idx))
         for info, idx, _ in entries.values():
             for consumer in info.consumers:
                 surgery_for(modules[consumer.name]).duplicate_in(
                     modules[consumer.name], idx, consumer.block
                 )
-    return new
+                grew(consumer.name, 1, _columns(info.n, idx, consumer.block))
+    return new, growth
+
+
+def _rows(n: int, idx: Tensor) -> Tensor:
+    return torch.cat([torch.arange(n, device=idx.device), idx])
+
+
+def _columns(n: int, idx: Tensor, block: int) -> Tensor:
+    offsets = torch.arange(block, device=idx.device)
+    return torch.cat(
+        [torch.arange(n * block, device=idx.device), (idx[:, None] * block + offsets).reshape(-1)]
+    )
