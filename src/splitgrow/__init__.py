@@ -11,15 +11,19 @@ Public API:
 from splitgrow.graph import LayerInfo, ModelStructure, analyze
 from splitgrow.splitting import SplitEigen, splitting_eigen
 from splitgrow.surgery import split_neurons
+from splitgrow.training import GrowConfig, GrowResult, grow
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GrowConfig",
+    "GrowResult",
     "LayerInfo",
     "ModelStructure",
     "SplitEigen",
     "__version__",
     "analyze",
+    "grow",
     "split_neurons",
     "splitting_eigen",
 ]

@@ -1,0 +1,31 @@
+"""Size and cost of a model: parameters, FLOPs (``torch.utils.flop_counter``), accuracy."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Number of trainable and frozen parameters."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops(model: nn.Module, example: Tensor) -> int:
+    """Floating-point operations of one forward pass on one sample (batch of 1), as counted by
+    ``torch.utils.flop_counter`` (a multiply-add counts 2). The model's mode is restored."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(example[:1])
+        return int(counter.get_total_flops())
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+def accuracy(output: Tensor, target: Tensor) -> float:
+    """Fraction of rows whose arg-max is the target."""
+    return float((output.argmax(dim=1) == target).float().mean())

@@ -1,0 +1,5 @@
+"""What to grow: strategies return a plan and never mutate a module."""
+
+from splitgrow.strategies.s2d import added_parameters, s2d_select
+
+__all__ = ["added_parameters", "s2d_select"]

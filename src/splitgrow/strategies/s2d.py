@@ -1,0 +1,73 @@
+"""Splitting steepest descent: split the neurons with the most negative λ_min, across layers."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from splitgrow.graph.analyze import LayerInfo
+
+
+def added_parameters(info: LayerInfo, modules: Mapping[str, nn.Module]) -> int:
+    """Parameters one split of a neuron of this layer adds: its row, a copy of its per-channel
+    chain parameters, and its block of columns in every consumer."""
+    added = info.d
+    for name in info.chain_modules():
+        added += sum(int(p[0].numel()) for p in modules[name].parameters(recurse=False))
+    for c in info.consumers:
+        weight = modules[c.name].weight
+        assert isinstance(weight, Tensor)
+        added += int(weight.shape[0]) * c.block * int(weight[0, 0].numel())
+    return added
+
+
+def s2d_select(
+    values: Mapping[str, Tensor],
+    widths: Mapping[str, int],
+    *,
+    ratio: float,
+    max_widths: Mapping[str, int] | None = None,
+    costs: Mapping[str, int] | None = None,
+    budget: int | None = None,
+) -> dict[str, Tensor]:
+    """Choose the neurons to split: the most negative λ_min over all layers, λ_min < 0 only.
+
+    Args:
+        values: λ_min per neuron of each layer.
+        widths: current width of each layer.
+        ratio: grow ratio: at most ``ceil(ratio · total width)`` neurons per round.
+        max_widths: per-layer maximum widths (a layer at its maximum is skipped).
+        costs: parameters added per split in each layer (with ``budget``).
+        budget: parameters that may still be added this round.
+
+    Returns:
+        ``{layer: indices}`` for the layers that get at least one split.
+    """
+    if not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
+        raise ValueError(f"grow ratio must be in (0, 1], got {ratio!r}")
+    limit = math.ceil(ratio * sum(widths.values()))
+    room = {k: (max_widths or {}).get(k, math.inf) - widths[k] for k in values}
+    candidates = sorted(
+        (float(v), layer, i)
+        for layer, vals in values.items()
+        for i, v in enumerate(vals.tolist())
+        if v < 0
+    )
+    chosen: dict[str, list[int]] = {}
+    spent = 0
+    for _, layer, i in candidates:
+        if limit <= 0:
+            break
+        if room[layer] <= 0:
+            continue
+        cost = (costs or {}).get(layer, 0)
+        if budget is not None and spent + cost > budget:
+            continue
+        chosen.setdefault(layer, []).append(i)
+        room[layer] -= 1
+        spent += cost
+        limit -= 1
+    return {k: torch.tensor(sorted(v), dtype=torch.long) for k, v in chosen.items()}

@@ -1,0 +1,132 @@
+"""grow(): the S2D loop on tiny configurations; selection; training phases; config validation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import splitgrow
+from splitgrow import data
+from splitgrow.models import Architecture, widths_of
+from splitgrow.strategies import s2d_select
+from splitgrow.training import GrowConfig, evaluate, grow, make_optimizer, train_phase
+
+
+@pytest.fixture(scope="module")
+def digits() -> data.Dataset:
+    return data.load("digits", seed=0)
+
+
+def _model(
+    d: data.Dataset, name: str = "cnn", widths: tuple[int, ...] = (3, 3, 3, 3)
+) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return Architecture(name, list(widths), "relu", d.in_shape, 10).build()
+
+
+def test_grow_records_every_round_and_grows(digits: data.Dataset) -> None:
+    model = _model(digits)
+    cfg = GrowConfig(rounds=2, epochs_per_round=1, grow_ratio=0.5, eps_mode="line-search")
+    train = digits.train.batches(128)[:4]
+    res = grow(model, train, loss_fn=F.cross_entropy, val_data=digits.val.batches(256), config=cfg)
+    assert res.stopped == "rounds" and len(res.history) == 3
+    params = [r["params"] for r in res.history]
+    assert params == sorted(params) and params[-1] > params[0]
+    for before in res.history[:-1]:
+        assert sum(before["split"].values()) >= 1
+        assert 0 < before["eps"] <= 1.0
+        assert set(before["lambda_min"]) == set(splitgrow.analyze(model).splittable())
+    assert widths_of(res.model) != [3, 3, 3, 3]
+    assert sum(widths_of(res.model)) == 12 + sum(
+        sum(r.get("split", {}).values()) for r in res.history
+    )
+    last = res.history[-1]
+    assert 0 <= last["val_accuracy"] <= 1 and math.isfinite(last["val_loss"])
+    assert isinstance(last["twins"], int) and last["flops"] > res.history[0]["flops"]
+
+
+@pytest.mark.parametrize("eps_mode", ["fixed", "relative"])
+@pytest.mark.parametrize("carry", ["copy", "reset"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_grow_options(digits: data.Dataset, eps_mode: str, carry: str, optimizer: str) -> None:
+    cfg = GrowConfig(
+        rounds=1, epochs_per_round=1, eps_mode=eps_mode, carry=carry, optimizer=optimizer,
+        lr=0.01, method="fast", schedule="constant",
+    )  # fmt: skip
+    res = grow(
+        _model(digits, "mlp", (6,)),
+        digits.train.batches(128)[:3],
+        loss_fn=F.cross_entropy,
+        config=cfg,
+    )
+    assert len(res.history) == 2 and res.history[1]["params"] > res.history[0]["params"]
+
+
+def test_budget_and_max_widths(digits: data.Dataset) -> None:
+    model = _model(digits, "mlp", (4, 4))
+    start = splitgrow.metrics.parameter_count(model)
+    cfg = GrowConfig(rounds=4, epochs_per_round=1, grow_ratio=1.0, budget_params=start + 150,
+                     max_widths={"3": 5})  # fmt: skip
+    res = grow(model, digits.train.batches(128)[:3], loss_fn=F.cross_entropy, config=cfg)
+    assert all(r["params"] <= start + 150 for r in res.history)
+    assert res.stopped == "budget"
+    assert widths_of(res.model)[1] <= 5
+
+
+def test_stable_when_no_negative_eigenvalue(digits: data.Dataset) -> None:
+    # ReLU without the surrogate: σ'' = 0 almost everywhere, so no λ_min < 0 in the first layer
+    model = _model(digits, "mlp", (4,))
+    cfg = GrowConfig(rounds=2, epochs_per_round=1, surrogate_beta=None)
+    res = grow(model, digits.train.batches(128)[:2], loss_fn=F.cross_entropy, config=cfg)
+    assert res.stopped == "stable" and len(res.history) == 1
+
+
+def test_s2d_select_orders_limits_and_budgets() -> None:
+    values = {"a": torch.tensor([-3.0, 1.0, -1.0]), "b": torch.tensor([-2.0, -0.5])}
+    widths = {"a": 3, "b": 2}
+    assert {k: v.tolist() for k, v in s2d_select(values, widths, ratio=0.4).items()} == {
+        "a": [0],
+        "b": [0],
+    }
+    got = s2d_select(values, widths, ratio=1.0, max_widths={"a": 4})
+    assert {k: v.tolist() for k, v in got.items()} == {"a": [0], "b": [0, 1]}  # λ ≥ 0 never split
+    got = s2d_select(values, widths, ratio=1.0, costs={"a": 10, "b": 3}, budget=13)
+    assert {k: v.tolist() for k, v in got.items()} == {"a": [0], "b": [0]}
+    with pytest.raises(ValueError, match="grow ratio"):
+        s2d_select(values, widths, ratio=0.0)
+
+
+def test_train_phase_plateau_and_non_finite(digits: data.Dataset) -> None:
+    model = _model(digits, "mlp", (8,))
+    opt = make_optimizer(model, "adam", 1e-2, 0.0, 0.0)
+    batches = digits.train.batches(256)
+    phase = train_phase(model, opt, lambda: batches, F.cross_entropy, epochs=50, plateau=0.5)
+    assert phase.stopped == "plateau" and len(phase.epoch_losses) < 50
+    assert opt.param_groups[0]["lr"] == 1e-2  # restored after the cosine schedule
+    bad = [(x, y) for x, y in batches]
+    phase = train_phase(model, opt, lambda: bad, lambda out, y: out.sum() * math.inf, epochs=3)
+    assert phase.stopped == "non-finite" and phase.epoch_losses == []
+    result = evaluate(model, digits.test.batches(512), F.cross_entropy, "classification")
+    assert 0 <= result["accuracy"] <= 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"rounds": -1}, "rounds must be a non-negative integer"),
+        ({"epochs_per_round": 0}, "epochs_per_round must be a positive integer"),
+        ({"optimizer": "lbfgs"}, "optimizer must be one of"),
+        ({"eps_mode": "auto"}, "eps_mode must be one of"),
+        ({"carry": "keep"}, "carry must be one of"),
+        ({"lr": -1.0}, "lr must be a positive number"),
+        ({"grow_ratio": 1.5}, "grow_ratio must be in"),
+        ({"eps_grid": ()}, "eps_grid must hold positive numbers"),
+        ({"budget_params": 0}, "budget_params must be a positive integer"),
+    ],
+)
+def test_config_errors(kwargs: dict, words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        GrowConfig(**kwargs)
