@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck unit clean
+.PHONY: install demo demo-eigen test lint typecheck unit clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,12 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# the main job: grow a CNN on scikit-learn's digits by splitting steepest descent (under a minute)
 demo: $(STAMP)
+	$(VENV)/bin/splitgrow grow --out runs/demo
+
+# a walk-through of the splitting eigenvalues of a trained CNN
+demo-eigen: $(STAMP)
 	$(PY) -m splitgrow.demo
 
 lint: $(STAMP)

@@ -201,6 +201,7 @@ def grow(
             "params": parameter_count(model),
             "flops": flops(model, example),
             "epochs": len(phase.epoch_losses),
+            "epoch_losses": phase.epoch_losses,
             "train_loss": phase.epoch_losses[-1] if phase.epoch_losses else math.nan,
             "twins": _twins(model, pairs),
         }

@@ -1,0 +1,139 @@
+"""The command line through main(argv), the run directory, and safe checkpoint loading."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from splitgrow.cli import main
+from splitgrow.models import Architecture
+from splitgrow.runs import RunDir, load_model
+
+FAST = ["--rounds", "1", "--epochs-per-round", "1", "--widths", "3", "3", "3", "3"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    assert main(["grow", "--out", str(out), *FAST]) == 0
+    return out
+
+
+def test_grow_writes_a_readable_run_directory(
+    run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in (
+        "config.json",
+        "log.jsonl",
+        "model.pt",
+        "model.json",
+        "results.json",
+        "loss.png",
+        "growth.png",
+    ):
+        assert (run / name).is_file(), name
+    assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    config = json.loads((run / "config.json").read_text())
+    assert config["cli"]["rounds"] == 1 and config["architecture"]["model"] == "cnn"
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    results = json.loads((run / "results.json").read_text())
+    assert [r["round"] for r in log] == [0, 1] == [r["round"] for r in results["history"]]
+    assert results["params"] == log[-1]["params"] > log[0]["params"]
+    assert 0.0 <= results["test"]["accuracy"] <= 1.0
+    assert results["widths"] == json.loads((run / "model.json").read_text())["widths"]
+    # the grown model is rebuilt from the checkpoint without pickle and evaluates
+    model, _ = load_model(run / "model.pt")
+    assert sum(p.numel() for p in model.parameters()) == results["params"]
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run / "model.pt")]) == 0
+    accuracy = float(capsys.readouterr().out.split("accuracy")[1])
+    assert abs(accuracy - results["test"]["accuracy"]) < 1e-4  # printed with 4 decimals
+
+
+def test_info_lists_registries(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "mnist1d" in out and "mobilenetv1" in out and "s2d" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        ([], "the following arguments are required: command"),
+        (["grow", "--model", "resnet"], "invalid choice: 'resnet'"),
+        (["grow", "--rounds", "-1"], "must not be negative"),
+        (["grow", "--widths", "0"], "must be positive"),
+        (["grow", "--eps", "nan"], "must be a positive finite number"),
+        (["grow", "--grow-ratio", "2"], "grow_ratio must be in"),
+        (
+            ["grow", "--widths", "3", "3", "3", "3", "--budget-params", "10"],
+            "smaller than the starting model",
+        ),
+        (["grow", "--dataset", "cifar10"], "needs --data-dir"),
+        (
+            ["grow", "--device", "cuda"]
+            if not torch.cuda.is_available()
+            else ["grow", "--lr", "0"],
+            "cuda" if not torch.cuda.is_available() else "positive",
+        ),
+        (["grow", "--model", "cnn1d"], "takes samples of rank 2"),
+        (["eval", "--checkpoint", "/nonexistent/model.pt"], "does not exist"),
+    ],
+)
+def test_bad_input_one_line_exit_2(
+    argv: list[str], words: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [*argv, "--out", str(tmp_path / "r")] if argv[:1] == ["grow"] else argv
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and words in err and "Traceback" not in err
+
+
+def _saved(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    arch = Architecture("mlp", [4], "relu", [3], 2)
+    return RunDir(tmp_path).save_model(arch.build(), arch)
+
+
+class _Payload:
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (Path("/tmp/splitgrow_ckpt_pwned").write_text, ("pwned",))
+
+
+def test_crafted_pickle_checkpoint_refused_and_not_executed(tmp_path: Path) -> None:
+    path = _saved(tmp_path)
+    marker = Path("/tmp/splitgrow_ckpt_pwned")
+    marker.unlink(missing_ok=True)
+    torch.save({"weight": _Payload()}, path)  # torch.save pickles the payload object
+    with pytest.raises(ValueError, match=f"checkpoint {path} cannot be read safely"):
+        load_model(path)
+    assert not marker.exists()
+    assert main(["eval", "--checkpoint", str(path)]) == 2
+    assert not marker.exists()
+
+
+def test_truncated_foreign_and_mismatched_checkpoints(tmp_path: Path) -> None:
+    path = _saved(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cannot be read safely"):
+        load_model(path)
+    path.write_bytes(pickle.dumps([1, 2, 3]))
+    with pytest.raises(ValueError, match="cannot be read safely|not a state_dict"):
+        load_model(path)
+    path = _saved(tmp_path)
+    (tmp_path / "model.json").write_text(
+        json.dumps(Architecture("mlp", [5], "relu", [3], 2).to_json())
+    )
+    with pytest.raises(ValueError, match="does not fit architecture model.json"):
+        load_model(path)
+    (tmp_path / "model.json").write_text("{not json")
+    with pytest.raises(ValueError, match="architecture .* is not valid"):
+        load_model(path)
+    (tmp_path / "model.json").unlink()
+    with pytest.raises(ValueError, match="no architecture file model.json"):
+        load_model(path)
