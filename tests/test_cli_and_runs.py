@@ -48,6 +48,8 @@ def test_grow_writes_a_readable_run_directory(
     # the grown model is rebuilt from the checkpoint without pickle and evaluates
     model, _ = load_model(run / "model.pt")
     assert sum(p.numel() for p in model.parameters()) == results["params"]
+    first, _ = load_model(run / "round0.pt")  # the model as the first phase trained it
+    assert sum(p.numel() for p in first.parameters()) == log[0]["params"]
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(run / "model.pt")]) == 0
     accuracy = float(capsys.readouterr().out.split("accuracy")[1])

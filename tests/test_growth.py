@@ -130,3 +130,18 @@ def test_train_phase_plateau_and_non_finite(digits: data.Dataset) -> None:
 def test_config_errors(kwargs: dict, words: str) -> None:
     with pytest.raises(ValueError, match=words):
         GrowConfig(**kwargs)
+
+
+def test_random_directions_split_the_same_neurons(digits: data.Dataset) -> None:
+    train = digits.train.batches(128)[:3]
+    runs = {}
+    for directions in ("eigen", "random"):
+        cfg = GrowConfig(rounds=1, epochs_per_round=1, directions=directions, eps_mode="fixed")
+        runs[directions] = grow(
+            _model(digits, "mlp", (6,)), train, loss_fn=F.cross_entropy, config=cfg
+        )
+    eigen, rand = runs["eigen"], runs["random"]
+    assert eigen.history[0]["split"] == rand.history[0]["split"]  # same selection by λ_min
+    w_e = eigen.model[1].weight.detach()
+    w_r = rand.model[1].weight.detach()
+    assert w_e.shape == w_r.shape and not torch.allclose(w_e, w_r)  # different directions

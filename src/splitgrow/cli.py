@@ -168,6 +168,11 @@ def _grow(args: argparse.Namespace) -> int:
             f"({parameter_count(model)} parameters)"
         )
     loss_fn = _loss(data.task)
+
+    def on_record(record: dict[str, Any], trained: torch.nn.Module) -> None:
+        run.log(record)
+        run.save_model(trained, arch.with_widths(widths_of(trained)), f"round{record['round']}")
+
     start = time.perf_counter()
     result = grow(
         model,
@@ -176,7 +181,7 @@ def _grow(args: argparse.Namespace) -> int:
         val_data=_on(data.val.batches(512), device),
         task=data.task,
         config=config,
-        on_record=run.log,
+        on_record=on_record,
     )
     seconds = time.perf_counter() - start
     test = evaluate(result.model, _on(data.test.batches(512), device), loss_fn, data.task)

@@ -54,6 +54,7 @@ class GrowConfig:
     eps: float = 0.1  # ε for "fixed"; the factor of ‖θ_i‖ for "relative"
     eps_grid: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # line search: × ‖θ_i‖
     carry: str = "copy"  # optimizer state after a split: "copy" to offspring, or "reset"
+    directions: str = "eigen"  # split along the λ_min eigenvectors, or "random" unit directions
     batchnorm: str = "running"  # BatchNorm statistics of the splitting matrices
     surrogate_beta: float | None = 3.0  # softplus β of the ReLU-like surrogate (None: exact)
     eigen_samples: int | None = None  # splitting matrices over this many training samples
@@ -86,6 +87,7 @@ class GrowConfig:
             "method": ("exact", "fast", "auto"),
             "eps_mode": EPS_MODES,
             "carry": CARRY_MODES,
+            "directions": ("eigen", "random"),
             "batchnorm": ("running", "batch"),
         }
         for name, allowed in choices.items():
@@ -150,7 +152,7 @@ def grow(
     val_data: Sequence[Batch] | None = None,
     task: str = "classification",
     config: GrowConfig | None = None,
-    on_record: Callable[[dict[str, Any]], Any] | None = None,
+    on_record: Callable[[dict[str, Any], nn.Module], Any] | None = None,
 ) -> GrowResult:
     """Grow ``model`` by splitting steepest descent (module docstring).
 
@@ -161,7 +163,8 @@ def grow(
         val_data: optional validation batches, evaluated after every phase.
         task: ``"classification"`` (accuracy is reported) or ``"regression"``.
         config: the settings (:class:`GrowConfig`).
-        on_record: called with each history record as it is made (for logs).
+        on_record: called with each history record as it is made and the model as that phase
+            trained it, before its split (for logs and checkpoints).
 
     Returns:
         The final model, the history (one record per phase: parameters, FLOPs, train loss,
@@ -209,6 +212,7 @@ def grow(
             record.update(
                 {f"val_{k}": v for k, v in evaluate(model, val_data, loss_fn, task).items()}
             )
+        trained = model
         if phase.stopped == "non-finite":
             stopped = "non-finite"
         elif not last:
@@ -225,7 +229,7 @@ def grow(
         record["seconds"] = time.perf_counter() - start
         history.append(record)
         if on_record is not None:
-            on_record(record)
+            on_record(record, trained)
         if stopped != "rounds":
             break
     return GrowResult(model, history, stopped)
@@ -280,7 +284,15 @@ def _split_round(
             if budget is not None and any(v < 0 for e in eig.values() for v in e.values.tolist())
             else "stable"
         )
-    plan = {k: (idx, eig[k].vectors[idx]) for k, idx in chosen.items()}
+    if cfg.directions == "random":  # the baseline: same neurons, random unit directions
+        gen = torch.Generator().manual_seed(cfg.seed + 7919 * int(record["round"]))
+        vectors = {}
+        for k, idx in chosen.items():
+            v = torch.randn(len(idx), eig[k].vectors.shape[1], generator=gen, dtype=torch.float64)
+            vectors[k] = (v / v.norm(dim=1, keepdim=True)).to(eig[k].vectors)
+        plan = {k: (idx, vectors[k]) for k, idx in chosen.items()}
+    else:
+        plan = {k: (idx, eig[k].vectors[idx]) for k, idx in chosen.items()}
     norms = {
         k: theta(modules[k])[idx].norm(dim=1).to(eig[k].vectors.dtype) for k, idx in chosen.items()
     }
