@@ -139,3 +139,15 @@ def test_truncated_foreign_and_mismatched_checkpoints(tmp_path: Path) -> None:
     (tmp_path / "model.json").unlink()
     with pytest.raises(ValueError, match="no architecture file model.json"):
         load_model(path)
+
+
+def test_toy_writes_results_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["toy", "--rounds", "2", "--iterations", "30", "--start", "2", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    for name in ("s2d", "random", "fixed"):
+        assert results[name]["final_loss"] > 0 and results[name]["seconds"] > 0
+    assert results["fixed"]["final_width"] == results["s2d"]["final_width"]
+    assert (tmp_path / "toy.png").read_bytes()[:4] == b"\x89PNG"
+    out = capsys.readouterr().out
+    assert out.count("final MSE") == 3

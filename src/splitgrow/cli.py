@@ -3,6 +3,7 @@
     splitgrow grow [--model M] [--dataset D] [--widths W …] … [--out DIR]
     splitgrow eval --checkpoint FILE [--dataset D]
     splitgrow info
+    splitgrow toy [--start W] [--rounds N] [--iterations K] [--out DIR]
 
 Bad input gets one line on stderr and exit code 2, never a traceback.
 """
@@ -23,6 +24,7 @@ from splitgrow import data as datasets
 from splitgrow.metrics import flops, parameter_count
 from splitgrow.models import ACTIVATIONS, MODELS, Architecture, widths_of
 from splitgrow.runs import RunDir, load_model, plot_run
+from splitgrow.toy import run_toy
 from splitgrow.training import GrowConfig, evaluate, grow
 
 
@@ -95,6 +97,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir", type=Path, default=None)
     e.add_argument("--seed", type=_non_negative_int, default=0)
     sub.add_parser("info", help="list data sets, models and activations")
+    t = sub.add_parser("toy", help="the 1-D toy: splitting vs random splits vs fixed width")
+    t.add_argument("--start", type=_positive_int, default=2, help="starting number of neurons")
+    t.add_argument("--rounds", type=_non_negative_int, default=4)
+    t.add_argument("--iterations", type=_positive_int, default=1000, help="per round")
+    t.add_argument("--seed", type=_non_negative_int, default=0)
+    t.add_argument("--out", type=Path, default=None)
     return p
 
 
@@ -227,11 +235,27 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _toy(args: argparse.Namespace) -> int:
+    out = args.out or Path("runs") / time.strftime("toy-%Y%m%d-%H%M%S")
+    results = run_toy(
+        out, start=args.start, rounds=args.rounds, iterations=args.iterations, seed=args.seed
+    )
+    for name in ("s2d", "random", "fixed"):
+        r = results[name]
+        print(
+            f"{name:7s} final MSE {r['final_loss']:.3e}  width {r['final_width']:3d}  "
+            f"{r['seconds']:.1f} s" + (f"  stopped: {r['stopped']}" if "stopped" in r else "")
+        )
+    print(f"run directory: {out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (2 for bad input, with one line on stderr)."""
     try:
         args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-        return {"grow": _grow, "eval": _eval, "info": _info}[args.command](args)
+        commands = {"grow": _grow, "eval": _eval, "info": _info, "toy": _toy}
+        return commands[args.command](args)
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
     except (UsageError, ValueError, TypeError) as exc:
