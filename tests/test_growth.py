@@ -145,3 +145,12 @@ def test_random_directions_split_the_same_neurons(digits: data.Dataset) -> None:
     w_e = eigen.model[1].weight.detach()
     w_r = rand.model[1].weight.detach()
     assert w_e.shape == w_r.shape and not torch.allclose(w_e, w_r)  # different directions
+
+
+def test_flops_budget_stops_growth(digits: data.Dataset) -> None:
+    model = _model(digits, "mlp", (4,))
+    start = splitgrow.metrics.flops(model, digits.train.x[:1])
+    cfg = GrowConfig(rounds=5, epochs_per_round=1, grow_ratio=1.0, budget_flops=start + 1)
+    res = grow(model, digits.train.batches(128)[:2], loss_fn=F.cross_entropy, config=cfg)
+    assert res.stopped == "budget" and len(res.history) == 2  # one split, then over budget
+    assert res.history[-1]["flops"] > start
