@@ -93,6 +93,7 @@ def test_bad_input_one_line_exit_2(
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and words in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()  # no run directory for a refused command
 
 
 def _saved(tmp_path: Path) -> Path:

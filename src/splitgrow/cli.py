@@ -162,12 +162,6 @@ def _grow(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=True,
     )
-    out = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    run = RunDir(out)
-    cli = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    run.write_json(
-        "config.json", {"cli": cli, "architecture": arch.to_json(), "grow": dict(config.__dict__)}
-    )
     torch.manual_seed(args.seed)
     model = arch.build().to(device)
     if config.budget_params is not None and parameter_count(model) > config.budget_params:
@@ -175,6 +169,12 @@ def _grow(args: argparse.Namespace) -> int:
             f"--budget-params {config.budget_params} is smaller than the starting model "
             f"({parameter_count(model)} parameters)"
         )
+    # the run directory is created only once the arguments are known to be good
+    run = RunDir(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    cli = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    run.write_json(
+        "config.json", {"cli": cli, "architecture": arch.to_json(), "grow": dict(config.__dict__)}
+    )
     loss_fn = _loss(data.task)
 
     def on_record(record: dict[str, Any], trained: torch.nn.Module) -> None:
