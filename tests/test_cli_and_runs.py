@@ -67,7 +67,7 @@ def test_info_lists_registries(capsys: pytest.CaptureFixture[str]) -> None:
     [
         ([], "the following arguments are required: command"),
         (["grow", "--model", "resnet"], "invalid choice: 'resnet'"),
-        (["grow", "--rounds", "-1"], "must not be negative"),
+        (["grow", "--rounds", "-1"], "must be at least 0: -1"),
         (["grow", "--widths", "0"], "must be positive"),
         (["grow", "--eps", "nan"], "must be a positive finite number"),
         (["grow", "--grow-ratio", "2"], "grow_ratio must be in"),
