@@ -1,4 +1,4 @@
-"""Size and cost of a model: parameters, FLOPs (``torch.utils.flop_counter``), accuracy."""
+"""Size and cost of a model: parameters and FLOPs (``torch.utils.flop_counter``)."""
 
 from __future__ import annotations
 
@@ -24,8 +24,3 @@ def flops(model: nn.Module, example: Tensor) -> int:
     finally:
         for m, flag in flags.items():
             m.training = flag
-
-
-def accuracy(output: Tensor, target: Tensor) -> float:
-    """Fraction of rows whose arg-max is the target."""
-    return float((output.argmax(dim=1) == target).float().mean())

@@ -507,13 +507,3 @@ def _is_selection(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
         return isinstance(modules[str(node.target)], _SELECTIONS[:4])
     return node.op == "call_function" and node.target in _SELECTIONS[4:]
-
-
-def _from_bnp(w: Tensor, like: Tensor, layout: Layout, n: int) -> Tensor:
-    """Inverse of :func:`_to_bnp` applied to ``(n, B·P)``: back to the shape of ``like``."""
-    b = like.shape[0]
-    t = w.reshape(n, b, -1).transpose(0, 1)  # (B, n, P)
-    if layout.cdim == -1 and like.dim() > 2:
-        moved = like.movedim(-1, 1)
-        return t.reshape(moved.shape).movedim(1, -1)
-    return t.reshape(like.shape)

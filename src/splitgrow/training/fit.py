@@ -88,15 +88,15 @@ def train_phase(
     produced it is not taken.
     """
     base = [g["lr"] for g in optimizer.param_groups]
-    steps_per_epoch = max(1, len(epoch_batches()))
-    total_steps = epochs * steps_per_epoch
+    first = epoch_batches()  # its length sets the schedule; it is also the first epoch
+    total_steps = epochs * max(1, len(first))
     phase = Phase()
     best = math.inf
     model.train()
     step = 0
     for epoch in tqdm(range(epochs), desc="training", disable=not progress, leave=False):
         loss_sum = count = 0.0
-        for x, y in epoch_batches():
+        for x, y in first if epoch == 0 else epoch_batches():
             if schedule == "cosine":
                 for g, lr in zip(optimizer.param_groups, base, strict=True):
                     g["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / total_steps))

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from splitgrow.data import Split
 from splitgrow.graph.analyze import analyze
 from splitgrow.metrics import flops, parameter_count
 from splitgrow.splitting import splitting_eigen
@@ -115,14 +116,8 @@ class GrowResult:
 def _epoch_batches(
     data: Sequence[Batch], size: int, gen: torch.Generator
 ) -> Callable[[], list[Batch]]:
-    x = torch.cat([b[0] for b in data])
-    y = torch.cat([b[1] for b in data])
-
-    def batches() -> list[Batch]:
-        order = torch.randperm(len(y), generator=gen)
-        return [(x[i], y[i]) for i in order.split(size)]
-
-    return batches
+    split = Split(torch.cat([b[0] for b in data]), torch.cat([b[1] for b in data]))
+    return lambda: split.batches(size, shuffle=True, generator=gen)
 
 
 def _twins(model: nn.Module, pairs: Mapping[str, list[tuple[int, int]]]) -> int:
@@ -138,10 +133,6 @@ def _twins(model: nn.Module, pairs: Mapping[str, list[tuple[int, int]]]) -> int:
         cos = torch.nn.functional.cosine_similarity(a, b, dim=1)
         count += int((cos > TWIN_COSINE).sum())
     return count
-
-
-def _data_loss(model: nn.Module, batches: Sequence[Batch], loss_fn: Callable[..., Tensor]) -> float:
-    return evaluate(model, batches, loss_fn, "regression")["loss"]
 
 
 def grow(
@@ -307,7 +298,7 @@ def _split_round(
         probe = list(eigen_data)[:1]
         for factor in cfg.eps_grid:
             trial, _ = split_with_growth(model, plan, eps={k: factor * norms[k] for k in plan})
-            loss = _data_loss(trial, probe, loss_fn)
+            loss = evaluate(trial, probe, loss_fn, "regression")["loss"]
             best = min(best, (loss, factor))
         eps = {k: best[1] * norms[k] for k in plan}
         record["eps"] = best[1]
