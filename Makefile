@@ -17,7 +17,7 @@ install: $(STAMP)
 
 # the main job: grow a CNN on scikit-learn's digits by splitting steepest descent (under a minute)
 demo: $(STAMP)
-	$(VENV)/bin/splitgrow grow --out runs/demo
+	$(VENV)/bin/splitgrow grow --out runs/demo --overwrite
 
 # a walk-through of the splitting eigenvalues of a trained CNN
 demo-eigen: $(STAMP)

@@ -103,11 +103,11 @@ def test_train_phase_plateau_and_non_finite(digits: data.Dataset) -> None:
     model = _model(digits, "mlp", (8,))
     opt = make_optimizer(model, "adam", 1e-2, 0.0, 0.0)
     batches = digits.train.batches(256)
-    phase = train_phase(model, opt, lambda: batches, F.cross_entropy, epochs=50, plateau=0.5)
+    phase = train_phase(model, opt, lambda _: batches, F.cross_entropy, epochs=50, plateau=0.5)
     assert phase.stopped == "plateau" and len(phase.epoch_losses) < 50
     assert opt.param_groups[0]["lr"] == 1e-2  # restored after the cosine schedule
     bad = [(x, y) for x, y in batches]
-    phase = train_phase(model, opt, lambda: bad, lambda out, y: out.sum() * math.inf, epochs=3)
+    phase = train_phase(model, opt, lambda _: bad, lambda out, y: out.sum() * math.inf, epochs=3)
     assert phase.stopped == "non-finite" and phase.epoch_losses == []
     result = evaluate(model, digits.test.batches(512), F.cross_entropy, "classification")
     assert 0 <= result["accuracy"] <= 1

@@ -1,16 +1,19 @@
 """The ``splitgrow`` command line (the only module that parses arguments).
 
     splitgrow grow [--model M] [--dataset D] [--widths W …] … [--out DIR]
+    splitgrow grow --resume DIR
     splitgrow eval --checkpoint FILE [--dataset D]
     splitgrow info
     splitgrow toy [--start W] [--rounds N] [--iterations K] [--out DIR]
 
-Bad input gets one line on stderr and exit code 2, never a traceback.
+Bad input gets one line on stderr and exit code 2, never a traceback. A growth run that stops on
+a non-finite loss exits with 1; one interrupted with Ctrl-C exits with 130 (resume it).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from splitgrow import data as datasets
+from splitgrow.graph import analyze
 from splitgrow.metrics import flops, parameter_count
 from splitgrow.models import ACTIVATIONS, MODELS, Architecture, widths_of
 from splitgrow.runs import RunDir, load_model, plot_run
@@ -67,10 +71,35 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a non-negative finite number: {text}")
+    return value
+
+
+def _layer_width(text: str) -> tuple[str, int]:
+    name, sep, width = text.rpartition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected LAYER=WIDTH, got {text!r}")
+    return name, _positive_int(width)
+
+
+#: options that ``grow --resume`` accepts besides itself (they do not change the results)
+RESUME_OPTIONS = {"--resume", "--device", "--checkpoint-every"}
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="splitgrow", description="Grow small networks by splitting steepest descent.")
+    p = _Parser(
+        prog="splitgrow",
+        description="Grow small networks by splitting steepest descent.",
+        allow_abbrev=False,
+    )
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    g = sub.add_parser("grow", help="grow a model on a data set (the main job)")
+    g = sub.add_parser("grow", help="grow a model on a data set (the main job)", allow_abbrev=False)
     g.add_argument("--model", default="cnn", choices=sorted(MODELS))
     g.add_argument("--dataset", default="digits", choices=sorted(datasets.DATASETS))
     g.add_argument("--data-dir", type=Path, default=None, help="folder of cifar10/cifar100")
@@ -87,17 +116,41 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
     g.add_argument("--lr", type=_positive_float, default=0.05)
     g.add_argument("--batch-size", type=_positive_int, default=128)
+    g.add_argument("--weight-decay", type=_non_negative_float, default=0.0)
+    g.add_argument("--schedule", default="cosine", choices=["cosine", "constant"])
+    g.add_argument("--final-epochs", type=_positive_int, default=None)
+    g.add_argument("--plateau", type=_positive_float, default=None)
+    g.add_argument("--carry", default="copy", choices=["copy", "reset"])
+    g.add_argument("--directions", default="eigen", choices=["eigen", "random"])
+    g.add_argument("--eigen-samples", type=_positive_int, default=None)
     g.add_argument("--budget-params", type=_positive_int, default=None)
+    g.add_argument("--budget-flops", type=_positive_int, default=None)
+    g.add_argument(
+        "--max-widths", type=_layer_width, nargs="+", default=None, metavar="LAYER=WIDTH"
+    )
     g.add_argument("--seed", type=_non_negative_int, default=0)
     g.add_argument("--out", type=Path, default=None, help="run directory (default runs/<time>)")
+    g.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    g.add_argument(
+        "--resume", type=Path, default=None, metavar="DIR",
+        help="continue the run in DIR from its last checkpoint, with its saved settings",
+    )  # fmt: skip
+    g.add_argument(
+        "--checkpoint-every", type=_positive_int, default=None, metavar="STEPS",
+        help="also checkpoint every STEPS optimizer steps (default: after every epoch only)",
+    )  # fmt: skip
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    e = sub.add_parser("eval", help="evaluate a saved model on a data set's test split")
+    e = sub.add_parser(
+        "eval", help="evaluate a saved model on a data set's test split", allow_abbrev=False
+    )
     e.add_argument("--checkpoint", type=Path, required=True)
     e.add_argument("--dataset", default="digits", choices=sorted(datasets.DATASETS))
     e.add_argument("--data-dir", type=Path, default=None)
     e.add_argument("--seed", type=_non_negative_int, default=0)
-    sub.add_parser("info", help="list data sets, models and activations")
-    t = sub.add_parser("toy", help="the 1-D toy: splitting vs random splits vs fixed width")
+    sub.add_parser("info", help="list data sets, models and activations", allow_abbrev=False)
+    t = sub.add_parser(
+        "toy", help="the 1-D toy: splitting vs random splits vs fixed width", allow_abbrev=False
+    )
     t.add_argument("--start", type=_positive_int, default=2, help="starting number of neurons")
     t.add_argument("--rounds", type=_non_negative_int, default=4)
     t.add_argument("--iterations", type=_positive_int, default=1000, help="per round")
@@ -136,62 +189,150 @@ def _table(history: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _grow(args: argparse.Namespace) -> int:
+def _given_options(argv: Sequence[str]) -> list[str]:
+    """The option strings on a command line (``--x=1`` counts as ``--x``)."""
+    return [t.split("=", 1)[0] for t in argv if t.startswith("--")]
+
+
+def _saved_args(folder: Path, argv: Sequence[str], given: argparse.Namespace) -> argparse.Namespace:
+    """The arguments of the run in ``folder`` (from its config.json), for ``--resume``."""
+    extra = [o for o in _given_options(argv) if o not in RESUME_OPTIONS]
+    if extra:
+        raise UsageError(
+            f"--resume takes its settings from {folder / 'config.json'}; drop {extra[0]}"
+        )
+    if not folder.is_dir():
+        raise UsageError(f"--resume {folder}: no such run directory")
+    config_path = folder / "config.json"
+    try:
+        saved = json.loads(config_path.read_text())["argv"]
+        if not isinstance(saved, list) or not all(isinstance(a, str) for a in saved):
+            raise TypeError("argv is not a list of strings")
+    except FileNotFoundError:
+        raise UsageError(f"--resume {folder}: {config_path} is missing") from None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise UsageError(
+            f"--resume {folder}: {config_path} is not a splitgrow config ({exc})"
+        ) from exc
+    try:
+        args = _parser().parse_args(saved)
+    except UsageError as exc:
+        raise UsageError(f"--resume {folder}: the saved command is not valid: {exc}") from exc
+    if args.command != "grow" or args.resume is not None:
+        raise UsageError(f"--resume {folder}: {config_path} does not hold a grow command")
+    args.out, args.resume = folder, folder
+    for option in ("device", "checkpoint_every"):
+        if f"--{option.replace('_', '-')}" in _given_options(argv):
+            setattr(args, option, getattr(given, option))
+    return args
+
+
+def _run_dir(args: argparse.Namespace) -> RunDir:
+    """The run directory: refused if it already holds something, unless --overwrite."""
+    out = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a directory")
+    run = RunDir(out)
+    if not run.is_empty():
+        if not args.overwrite:
+            raise UsageError(
+                f"--out {out} already holds files; continue that run with --resume {out}, "
+                "replace it with --overwrite, or choose another --out"
+            )
+        run.clear()
+    return run
+
+
+def _grow(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    if args.resume is not None:
+        args = _saved_args(args.resume, argv, args)
     device = _device(args.device)
     data = datasets.load(args.dataset, seed=args.seed, data_dir=args.data_dir)
     spec = MODELS[args.model]
-    classes = data.classes
     arch = Architecture(
         args.model,
         list(args.widths or spec.default_widths),
         args.activation or spec.default_activation,
         data.in_shape,
-        classes,
+        data.classes,
     )
     config = GrowConfig(
         rounds=args.rounds,
         epochs_per_round=args.epochs_per_round,
+        final_epochs=args.final_epochs,
         grow_ratio=args.grow_ratio,
         eps=args.eps,
         eps_mode=args.eps_mode,
         method=args.method,
         optimizer=args.optimizer,
         lr=args.lr,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        plateau=args.plateau,
+        carry=args.carry,
+        directions=args.directions,
+        eigen_samples=args.eigen_samples,
         batch_size=args.batch_size,
+        max_widths=dict(args.max_widths or []),
         budget_params=args.budget_params,
+        budget_flops=args.budget_flops,
         seed=args.seed,
         progress=True,
     )
     torch.manual_seed(args.seed)
     model = arch.build().to(device)
-    if config.budget_params is not None and parameter_count(model) > config.budget_params:
-        raise UsageError(
-            f"--budget-params {config.budget_params} is smaller than the starting model "
-            f"({parameter_count(model)} parameters)"
-        )
-    # the run directory is created only once the arguments are known to be good
-    run = RunDir(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    cli = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    run.write_json(
-        "config.json", {"cli": cli, "architecture": arch.to_json(), "grow": dict(config.__dict__)}
-    )
+    _check_against_model(model, config)
     loss_fn = _loss(data.task)
+    state = None
+    if args.resume is not None:
+        run = RunDir(args.resume)
+        latest = run.latest_state()  # a bad checkpoint raises ValueError: exit 2, nothing lost
+        if latest is not None:
+            state, folder = latest
+            print(
+                f"resuming {run.path} from {folder} (round {state.round}, "
+                f"{state.phase.epoch} epochs into its phase)",
+                file=sys.stderr,
+            )
+        run.rewrite_log(state.history if state else [])
+    else:
+        # the run directory is created only once the arguments are known to be good
+        run = _run_dir(args)
+        cli = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        run.write_json(
+            "config.json",
+            {
+                "argv": ["grow", *argv],
+                "cli": cli,
+                "architecture": arch.to_json(),
+                "grow": dict(config.__dict__),
+            },
+        )
 
     def on_record(record: dict[str, Any], trained: torch.nn.Module) -> None:
         run.log(record)
         run.save_model(trained, arch.with_widths(widths_of(trained)), f"round{record['round']}")
 
-    start = time.perf_counter()
-    result = grow(
-        model,
-        _on(data.train.batches(args.batch_size), device),
-        loss_fn=loss_fn,
-        val_data=_on(data.val.batches(512), device),
-        task=data.task,
-        config=config,
-        on_record=on_record,
-    )
-    seconds = time.perf_counter() - start
+    try:
+        result = grow(
+            model,
+            _on(data.train.batches(args.batch_size), device),
+            loss_fn=loss_fn,
+            val_data=_on(data.val.batches(512), device),
+            task=data.task,
+            config=config,
+            on_record=on_record,
+            resume=state,
+            on_checkpoint=run.save_state,
+            checkpoint_steps=args.checkpoint_every,
+        )
+    except KeyboardInterrupt:
+        print(
+            f"splitgrow: interrupted; continue with: splitgrow grow --resume {run.path}",
+            file=sys.stderr,
+        )
+        return 130
+    seconds = result.history[-1]["seconds"] if result.history else 0.0
     test = evaluate(result.model, _on(data.test.batches(512), device), loss_fn, data.task)
     final_arch = arch.with_widths(widths_of(result.model))
     run.save_model(result.model, final_arch)
@@ -210,7 +351,39 @@ def _grow(args: argparse.Namespace) -> int:
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in test.items())
     print(f"\nfinal widths {final_arch.widths}, {results['params']} parameters; test {metrics}")
     print(f"stopped: {result.stopped}; {seconds:.1f} s; run directory: {run.path}")
+    if result.stopped == "non-finite":
+        where = result.history[-1].get("non_finite") or {}
+        print(
+            f"splitgrow: training stopped: the loss became non-finite in round "
+            f"{result.history[-1]['round']}, epoch {where.get('epoch')}, batch "
+            f"{where.get('batch')}; model.pt holds the model from the start of that epoch and "
+            f"{run.path / 'checkpoints'} the last good state; try a smaller --lr",
+            file=sys.stderr,
+        )
+        return 1
     return 0
+
+
+def _check_against_model(model: torch.nn.Module, config: GrowConfig) -> None:
+    """Options that name layers must name splittable layers, at widths they can grow to."""
+    if config.budget_params is not None and parameter_count(model) > config.budget_params:
+        raise UsageError(
+            f"--budget-params {config.budget_params} is smaller than the starting model "
+            f"({parameter_count(model)} parameters)"
+        )
+    if not config.max_widths:
+        return
+    layers = {k: v for k, v in analyze(model).layers.items() if v.splittable}
+    for name, width in config.max_widths.items():
+        if name not in layers:
+            raise UsageError(
+                f"--max-widths: the model has no splittable layer {name!r} "
+                f"(it has {', '.join(layers) or 'none'})"
+            )
+        if width < layers[name].n:
+            raise UsageError(
+                f"--max-widths {name}={width} is below that layer's starting width {layers[name].n}"
+            )
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -253,12 +426,15 @@ def _toy(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (2 for bad input, with one line on stderr)."""
     try:
-        args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-        commands = {"grow": _grow, "eval": _eval, "info": _info, "toy": _toy}
+        argv = list(sys.argv[1:] if argv is None else argv)
+        args = _parser().parse_args(argv)
+        if args.command == "grow":
+            return _grow(args, argv[1:])
+        commands = {"eval": _eval, "info": _info, "toy": _toy}
         return commands[args.command](args)
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
-    except (UsageError, ValueError, TypeError) as exc:
+    except (UsageError, ValueError, TypeError, OSError) as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(
             text if text.startswith("splitgrow") else f"splitgrow: error: {text}", file=sys.stderr

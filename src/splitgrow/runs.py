@@ -8,6 +8,9 @@ run/
   results.json     final parameters, FLOPs, test metrics, wall time and the history
   loss.png         training loss per epoch, splits marked, validation accuracy per phase
   growth.png       validation accuracy against parameters along the growth
+  round<k>.pt/.json  the model as round k's training phase left it (before its split)
+  checkpoints/<n>/ the run's state for ``--resume`` (state.pt: tensors; state.json: the rest);
+                   the newest two are kept, each written into a hidden folder then renamed
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +27,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from splitgrow import faults
 from splitgrow.models import Architecture
+from splitgrow.training.grow import GrowState
+
+KEEP_CHECKPOINTS = 2
+#: what a run writes at its top level (``RunDir.clear`` removes exactly these)
+RUN_FILES = ("config.json", "log.jsonl", "model.pt", "model.json", "results.json", "loss.png",
+             "growth.png")  # fmt: skip
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -35,6 +54,7 @@ def _atomic_write(path: Path, write: Any) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -70,6 +90,59 @@ class RunDir:
             f.flush()
             os.fsync(f.fileno())
 
+    def rewrite_log(self, records: Sequence[dict[str, Any]]) -> None:
+        """Replace ``log.jsonl`` by these records (atomically; used when a run resumes)."""
+        text = "".join(json.dumps(_jsonable(r), sort_keys=True) + "\n" for r in records).encode()
+        _atomic_write(self.path / "log.jsonl", lambda f: f.write(text))
+
+    def is_empty(self) -> bool:
+        return not any(self.path.iterdir())
+
+    def clear(self) -> None:
+        """Remove what a run writes here (and nothing else)."""
+        for name in RUN_FILES:
+            (self.path / name).unlink(missing_ok=True)
+        for pattern in ("round*.pt", "round*.json"):
+            for f in self.path.glob(pattern):
+                f.unlink()
+        shutil.rmtree(self.path / "checkpoints", ignore_errors=True)
+
+    def save_state(self, state: GrowState) -> Path:
+        """Write ``checkpoints/<n>/`` (``n`` one more than the newest) and keep the newest two.
+
+        The files are written and fsynced in a hidden folder that is then renamed, so a
+        checkpoint folder is either complete or absent, whenever the process dies.
+        """
+        root = self.path / "checkpoints"
+        root.mkdir(exist_ok=True)
+        for leftover in root.glob(".*.tmp"):  # from a process that died while writing
+            shutil.rmtree(leftover, ignore_errors=True)
+        done = _checkpoint_dirs(root)
+        seq = int(done[-1].name) + 1 if done else 0
+        tmp = root / f".{seq:06d}.tmp"
+        tmp.mkdir()
+        for name, data in (
+            ("state.pt", lambda f: torch.save(state.tensors(), f)),
+            ("state.json", lambda f: f.write(json.dumps(state.meta()).encode())),
+        ):
+            with (tmp / name).open("wb") as f:
+                data(f)
+                f.flush()
+                os.fsync(f.fileno())
+            faults.reached("checkpoint")
+        _fsync_dir(tmp)
+        final = root / f"{seq:06d}"
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        for old in _checkpoint_dirs(root)[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def latest_state(self) -> tuple[GrowState, Path] | None:
+        """The newest checkpoint of this run (``None`` if it has none). See :func:`load_state`."""
+        done = _checkpoint_dirs(self.path / "checkpoints")
+        return (load_state(done[-1]), done[-1]) if done else None
+
     def save_model(self, model: nn.Module, arch: Architecture, name: str = "model") -> Path:
         """``name.pt`` (the state_dict) and ``name.json`` (the architecture), both atomic."""
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -77,6 +150,47 @@ class RunDir:
         _atomic_write(target, lambda f: torch.save(state, f))
         self.write_json(f"{name}.json", arch.to_json())
         return target
+
+
+def _checkpoint_dirs(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(
+        (d for d in root.iterdir() if d.is_dir() and d.name.isdigit()), key=lambda d: int(d.name)
+    )
+
+
+def load_state(folder: str | Path) -> GrowState:
+    """Read a checkpoint folder written by :meth:`RunDir.save_state`, without unpickling.
+
+    Raises:
+        ValueError: naming the file and the reason: a missing file, JSON that does not parse, a
+            ``state.pt`` that holds anything but tensors and plain containers, or parts of the
+            wrong form.
+    """
+    folder = Path(folder)
+    meta_path, tensor_path = folder / "state.json", folder / "state.pt"
+    for path in (meta_path, tensor_path):
+        if not path.is_file():
+            raise ValueError(f"checkpoint {path} is missing")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"checkpoint {meta_path} is not valid JSON: {exc}") from exc
+    tensors = _safe_load(tensor_path)
+    try:
+        return GrowState.from_parts(meta, tensors)
+    except ValueError as exc:
+        raise ValueError(f"checkpoint {folder} is not a splitgrow run state: {exc}") from exc
+
+
+def _safe_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain containers only, nothing executed."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError …
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"checkpoint {path} cannot be read safely: {first}") from exc
 
 
 def load_model(checkpoint: str | Path) -> tuple[nn.Module, Architecture]:
@@ -96,11 +210,7 @@ def load_model(checkpoint: str | Path) -> tuple[nn.Module, Architecture]:
         arch = Architecture.from_json(json.loads(arch_path.read_text()))
     except (ValueError, TypeError, KeyError) as exc:
         raise ValueError(f"architecture {arch_path} is not valid: {exc}") from exc
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError …
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"checkpoint {path} cannot be read safely: {first}") from exc
+    state = _safe_load(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"checkpoint {path} is not a state_dict of tensors")
     model = arch.build()

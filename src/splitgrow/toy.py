@@ -75,7 +75,7 @@ def run_toy(
     opt = make_optimizer(model, "adam", lr, 0.0, 0.0)
     t0 = time.perf_counter()
     phase = train_phase(
-        model, opt, lambda: batch, _mse, epochs=len(curves["s2d"]), schedule="constant"
+        model, opt, lambda _epoch: batch, _mse, epochs=len(curves["s2d"]), schedule="constant"
     )
     curves["fixed"] = phase.epoch_losses
     results["fixed"] = {

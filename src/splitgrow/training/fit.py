@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -10,6 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+from splitgrow import faults
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 OPTIMIZERS = ("sgd", "adam")
@@ -26,6 +29,73 @@ def make_optimizer(
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+
+
+def check_data(
+    batches: Sequence[tuple[Tensor, Tensor]], model: nn.Module, task: str, name: str = "data"
+) -> None:
+    """Refuse data that would fail or poison training, before any training starts.
+
+    Raises:
+        ValueError: naming ``name`` and the problem: no batches, a batch that is not an
+            ``(input, target)`` pair of tensors of equal length, inputs of differing or
+            unfitting shapes, NaN or infinite values, classification targets that are not
+            integers in ``[0, number of outputs)``.
+    """
+    if task not in ("classification", "regression"):
+        raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
+    if len(batches) == 0:
+        raise ValueError(f"{name} is empty")
+    shape = None
+    for i, batch in enumerate(batches):
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise ValueError(f"{name} batch {i} is not an (input, target) pair")
+        x, y = batch
+        if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+            raise ValueError(
+                f"{name} batch {i} must hold tensors, got {type(x).__name__}, {type(y).__name__}"
+            )
+        if x.dim() == 0 or len(x) == 0 or y.dim() == 0 or len(x) != len(y):
+            raise ValueError(
+                f"{name} batch {i}: {len(x) if x.dim() else 0} inputs but "
+                f"{len(y) if y.dim() else 0} targets (both must be > 0 and equal)"
+            )
+        if shape is None:
+            shape = tuple(x.shape[1:])
+        elif tuple(x.shape[1:]) != shape:
+            raise ValueError(
+                f"{name} batch {i} has samples of shape {tuple(x.shape[1:])}, batch 0 has {shape}"
+            )
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} batch {i} contains NaN or infinite inputs")
+        if task == "regression" and (
+            not y.is_floating_point() or not bool(torch.isfinite(y).all())
+        ):
+            raise ValueError(f"{name} batch {i}: regression targets must be finite floats")
+        if task == "classification" and (y.is_floating_point() or y.is_complex() or y.dim() != 1):
+            raise ValueError(
+                f"{name} batch {i}: class targets must be a 1-D integer tensor, "
+                f"got {y.dtype} of shape {tuple(y.shape)}"
+            )
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(batches[0][0][:1])
+    except Exception as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{name}: samples of shape {shape} do not fit the model: {text}") from exc
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+    if task == "classification":
+        classes = out.shape[-1]
+        for i, (_, y) in enumerate(batches):
+            if len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):
+                raise ValueError(
+                    f"{name} batch {i} has labels in [{int(y.min())}, "
+                    f"{int(y.max())}], outside the model's [0, {classes})"
+                )
 
 
 @torch.no_grad()
@@ -57,16 +127,41 @@ def evaluate(
 
 @dataclass
 class Phase:
-    """What one training phase did: per-epoch mean training loss, and why it ended."""
+    """Progress through one training phase: what it did so far, and enough to continue it exactly.
 
-    epoch_losses: list[float] = field(default_factory=list)
-    stopped: str = "epochs"  # "epochs", "plateau" or "non-finite"
+    Every field is a plain value (JSON), so a checkpoint can carry it.
+    """
+
+    epoch_losses: list[float] = field(default_factory=list)  # mean training loss per epoch
+    stopped: str = ""  # "" while running; then "epochs", "plateau" or "non-finite"
+    batch: int = 0  # batches of the current epoch already taken
+    step: int = 0  # optimizer steps taken in the phase
+    loss_sum: float = 0.0  # Σ loss·batch size over the current epoch so far
+    count: int = 0  # samples of the current epoch so far
+    best: float = math.inf  # best epoch loss so far (for ``plateau``)
+    base_lrs: list[float] = field(default_factory=list)  # each group's lr at the phase start
+    non_finite: dict[str, int] | None = None  # where the loss became non-finite (epoch, batch)
+
+    @property
+    def epoch(self) -> int:
+        """Epochs completed."""
+        return len(self.epoch_losses)
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> Phase:
+        known = set(Phase.__dataclass_fields__)
+        if not isinstance(data, dict) or not set(data) <= known:
+            raise ValueError(f"not a training phase state: {data!r}"[:200])
+        return Phase(**data)
 
 
 def train_phase(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    epoch_batches: Callable[[], Sequence[tuple[Tensor, Tensor]]],
+    epoch_batches: Callable[[int], Sequence[tuple[Tensor, Tensor]]],
     loss_fn: LossFn,
     *,
     epochs: int,
@@ -74,52 +169,107 @@ def train_phase(
     plateau: float | None = None,
     on_epoch: Callable[[int, float], Any] | None = None,
     progress: bool = False,
+    resume: Phase | None = None,
+    on_checkpoint: Callable[[Phase], Any] | None = None,
+    checkpoint_steps: int | None = None,
 ) -> Phase:
     """Train for up to ``epochs`` epochs; the learning rate follows ``schedule`` within the phase.
 
     Args:
-        epoch_batches: returns one epoch's batches (reshuffled by the caller as it likes).
+        epoch_batches: ``epoch_batches(e)`` returns epoch ``e``'s batches. It must return the
+            same batches for the same ``e`` (a resumed phase asks for its epoch again), and
+            the same number of batches for every ``e``.
         schedule: ``"cosine"`` (from the optimizer's lr to 0 over the phase) or ``"constant"``.
         plateau: end the phase early when the epoch's mean training loss improves on the best so
             far by less than this fraction of it (``None``: never).
         on_epoch: called with ``(epoch index, mean training loss)`` after each epoch.
+        resume: a :class:`Phase` handed to ``on_checkpoint`` earlier: the phase continues from
+            there (the model and optimizer must hold the state they held at that moment).
+        on_checkpoint: called with the phase's progress after every epoch and every
+            ``checkpoint_steps`` optimizer steps, at moments when the model, the optimizer and
+            this progress together are enough to continue exactly (it is not called after a
+            non-finite loss, so the last checkpoint stays good).
+        checkpoint_steps: see ``on_checkpoint`` (``None``: at epoch ends only).
 
-    A non-finite loss stops the phase at once (``Phase.stopped == "non-finite"``); the step that
-    produced it is not taken.
+    A non-finite loss stops the phase at once (``Phase.stopped == "non-finite"``, and
+    ``Phase.non_finite`` says where): the step that produced it is not taken and the model's
+    parameters and buffers are rolled back to where that epoch started (or was resumed).
     """
-    base = [g["lr"] for g in optimizer.param_groups]
-    first = epoch_batches()  # its length sets the schedule; it is also the first epoch
-    total_steps = epochs * max(1, len(first))
-    phase = Phase()
-    best = math.inf
+    if checkpoint_steps is not None and (
+        not isinstance(checkpoint_steps, int) or checkpoint_steps < 1
+    ):
+        raise ValueError(f"checkpoint_steps must be a positive integer, got {checkpoint_steps!r}")
+    phase = Phase(**copy.deepcopy(resume.to_json())) if resume is not None else Phase()
+    if not phase.base_lrs:  # a phase that has not started
+        phase.base_lrs = [float(g["lr"]) for g in optimizer.param_groups]
+    elif len(phase.base_lrs) != len(optimizer.param_groups):
+        raise ValueError("resume: the phase state does not match the optimizer's groups")
+    base = phase.base_lrs
+    if phase.stopped:  # resumed after the phase had ended
+        return phase
     model.train()
-    step = 0
-    for epoch in tqdm(range(epochs), desc="training", disable=not progress, leave=False):
-        loss_sum = count = 0.0
-        for x, y in first if epoch == 0 else epoch_batches():
-            if schedule == "cosine":
-                for g, lr in zip(optimizer.param_groups, base, strict=True):
-                    g["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / total_steps))
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
-            if not bool(torch.isfinite(loss)):
-                phase.stopped = "non-finite"
+    bar = tqdm(
+        total=epochs, initial=phase.epoch, desc="training", disable=not progress, leave=False
+    )
+    try:
+        while phase.epoch < epochs:
+            batches = epoch_batches(phase.epoch)
+            total_steps = epochs * max(1, len(batches))
+            snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            for x, y in batches[phase.batch :]:
+                if schedule == "cosine":
+                    for g, lr in zip(optimizer.param_groups, base, strict=True):
+                        g["lr"] = 0.5 * lr * (1 + math.cos(math.pi * phase.step / total_steps))
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(model(x), y)
+                if not bool(torch.isfinite(loss)):
+                    phase.stopped = "non-finite"
+                    phase.non_finite = {"epoch": phase.epoch, "batch": phase.batch}
+                    model.load_state_dict(snapshot)
+                    break
+                loss.backward()
+                optimizer.step()
+                phase.loss_sum += float(loss.detach()) * len(y)
+                phase.count += len(y)
+                phase.step += 1
+                phase.batch += 1
+                faults.reached("step")
+                if (
+                    on_checkpoint is not None
+                    and checkpoint_steps is not None
+                    and phase.step % checkpoint_steps == 0
+                    and phase.batch < len(batches)
+                ):
+                    on_checkpoint(phase)
+            if phase.stopped == "non-finite":
                 break
-            loss.backward()
-            optimizer.step()
-            loss_sum += float(loss.detach()) * len(y)
-            count += len(y)
-            step += 1
-        if phase.stopped == "non-finite":
-            break
-        mean = loss_sum / max(count, 1)
-        phase.epoch_losses.append(mean)
-        if on_epoch is not None:
-            on_epoch(epoch, mean)
-        if plateau is not None and best < math.inf and best - mean < plateau * abs(best):
-            phase.stopped = "plateau"
-            break
-        best = min(best, mean)
+            mean = phase.loss_sum / max(phase.count, 1)
+            epoch = phase.epoch
+            phase.epoch_losses.append(mean)
+            phase.batch, phase.loss_sum, phase.count = 0, 0.0, 0
+            bar.update(1)
+            if on_epoch is not None:
+                on_epoch(epoch, mean)
+            if (
+                plateau is not None
+                and phase.best < math.inf
+                and phase.best - mean < plateau * abs(phase.best)
+            ):
+                phase.stopped = "plateau"
+            phase.best = min(phase.best, mean)
+            if not phase.stopped and phase.epoch >= epochs:
+                phase.stopped = "epochs"
+            if phase.stopped:
+                for g, lr in zip(optimizer.param_groups, base, strict=True):
+                    g["lr"] = lr
+            if on_checkpoint is not None:
+                on_checkpoint(phase)
+            if phase.stopped:
+                break
+    finally:
+        bar.close()
+    if not phase.stopped:  # epochs == 0
+        phase.stopped = "epochs"
     for g, lr in zip(optimizer.param_groups, base, strict=True):
         g["lr"] = lr
     return phase

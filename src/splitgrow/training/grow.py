@@ -10,6 +10,8 @@ last model.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -19,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from splitgrow import faults
 from splitgrow.data import Split
 from splitgrow.graph.analyze import analyze
 from splitgrow.metrics import flops, parameter_count
@@ -27,7 +30,14 @@ from splitgrow.splitting.neurons import theta
 from splitgrow.strategies.s2d import added_parameters, s2d_select
 from splitgrow.surgery.optimizer import CARRY_MODES, carry_state
 from splitgrow.surgery.split import GrowthMap, split_with_growth
-from splitgrow.training.fit import OPTIMIZERS, evaluate, make_optimizer, train_phase
+from splitgrow.training.fit import (
+    OPTIMIZERS,
+    Phase,
+    check_data,
+    evaluate,
+    make_optimizer,
+    train_phase,
+)
 
 Batch = tuple[Tensor, Tensor]
 EPS_MODES = ("fixed", "relative", "line-search")
@@ -113,14 +123,110 @@ class GrowResult:
     stopped: str  # "rounds", "budget", "stable" (no λ_min < 0) or "non-finite"
 
 
-def _epoch_batches(
-    data: Sequence[Batch], size: int, gen: torch.Generator
-) -> Callable[[], list[Batch]]:
-    split = Split(torch.cat([b[0] for b in data]), torch.cat([b[1] for b in data]))
-    return lambda: split.batches(size, shuffle=True, generator=gen)
+@dataclass
+class GrowState:
+    """A growth run at a checkpoint: with the same starting model, data and config, enough to
+    continue it bit for bit (see ``grow(resume=…)``).
+
+    ``meta()`` is plain JSON and ``tensors()`` holds only tensors and plain containers, so a
+    checkpoint is saved and loaded without pickled objects (``torch.load(weights_only=True)``).
+    """
+
+    round: int  # the round whose training phase is in progress
+    phase: Phase  # progress through that phase
+    history: list[dict[str, Any]]  # records of the finished rounds
+    plans: list[dict[str, list[int]]]  # per split made so far: {layer: parent neurons}
+    pairs: dict[str, list[list[int]]]  # (parent, offspring) pairs, for the twin count
+    stopped: str  # "" while growing; why growth stopped once it has
+    elapsed: float  # seconds of work so far
+    config: dict[str, Any]  # the GrowConfig (a resume must use the same one)
+    model: dict[str, Tensor]  # state_dict of the model as it is now
+    optimizer: dict[str, Any]  # state_dict of its optimizer
+    rng: dict[str, Any]  # torch's global RNG states (CPU, and CUDA where used)
+
+    META_KEYS = ("round", "phase", "history", "plans", "pairs", "stopped", "elapsed", "config")
+
+    def meta(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in self.META_KEYS}
+        out["phase"] = self.phase.to_json()
+        return out
+
+    def tensors(self) -> dict[str, Any]:
+        return {"model": self.model, "optimizer": self.optimizer, "rng": self.rng}
+
+    @staticmethod
+    def from_parts(meta: Any, tensors: Any) -> GrowState:
+        """Rebuild from :meth:`meta` and :meth:`tensors` (as read back), checking their form."""
+        if not isinstance(meta, dict) or set(meta) != set(GrowState.META_KEYS):
+            raise ValueError(f"the metadata must have exactly the keys {list(GrowState.META_KEYS)}")
+        if not isinstance(tensors, dict) or set(tensors) != {"model", "optimizer", "rng"}:
+            raise ValueError("the tensors must be a dict of model, optimizer and rng")
+        model = tensors["model"]
+        if not isinstance(model, dict) or not all(isinstance(v, Tensor) for v in model.values()):
+            raise ValueError("the model state is not a dict of tensors")
+        rng = tensors["rng"]
+        if not isinstance(rng, dict) or not isinstance(rng.get("cpu"), Tensor):
+            raise ValueError("the RNG state is missing")
+        if not isinstance(tensors["optimizer"], dict):
+            raise ValueError("the optimizer state is not a dict")
+        types: dict[str, Any] = {
+            "round": int, "history": list, "plans": list, "pairs": dict, "stopped": str,
+            "elapsed": (int, float), "config": dict,
+        }  # fmt: skip
+        for key, kind in types.items():
+            if not isinstance(meta[key], kind):
+                raise ValueError(f"{key} has the wrong type ({type(meta[key]).__name__})")
+        return GrowState(
+            round=meta["round"], phase=Phase.from_json(meta["phase"]), history=meta["history"],
+            plans=meta["plans"], pairs=meta["pairs"], stopped=meta["stopped"],
+            elapsed=float(meta["elapsed"]), config=meta["config"], model=model,
+            optimizer=tensors["optimizer"], rng=rng,
+        )  # fmt: skip
 
 
-def _twins(model: nn.Module, pairs: Mapping[str, list[tuple[int, int]]]) -> int:
+def _config_json(cfg: GrowConfig) -> dict[str, Any]:
+    """The config as JSON gives it back (tuples become lists), without ``progress``."""
+    out: dict[str, Any] = json.loads(json.dumps(dict(cfg.__dict__)))
+    out.pop("progress", None)
+    return out
+
+
+def _seed(*parts: int) -> int:
+    """A 63-bit seed from integers (each epoch of each round gets its own data order)."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _replay(model: nn.Module, plans: Sequence[Any]) -> nn.Module:
+    """``model`` reshaped by the splits in ``plans`` (its values are then overwritten)."""
+    for i, plan in enumerate(plans):
+        if not isinstance(plan, Mapping):
+            raise ValueError(f"split {i} of the checkpoint is not a mapping")
+        layers = analyze(model).layers
+        entries = {}
+        for name, idx in plan.items():
+            if name not in layers or not layers[name].splittable:
+                raise ValueError(f"split {i} of the checkpoint names no splittable layer {name!r}")
+            if not isinstance(idx, list) or not all(
+                isinstance(j, int) and not isinstance(j, bool) for j in idx
+            ):
+                raise ValueError(f"split {i} of the checkpoint: indices of {name!r} are not ints")
+            entries[name] = (
+                torch.tensor(idx, dtype=torch.long),
+                torch.zeros(len(idx), layers[name].d, dtype=torch.float64),
+            )
+        model, _ = split_with_growth(model, entries, eps=0.0)
+    return model
+
+
+def _twins(model: nn.Module, pairs: Mapping[str, Sequence[Sequence[int]]]) -> int:
     """Offspring pairs whose incoming weights still have cosine > 0.95."""
     modules = dict(model.named_modules())
     count = 0
@@ -144,52 +250,119 @@ def grow(
     task: str = "classification",
     config: GrowConfig | None = None,
     on_record: Callable[[dict[str, Any], nn.Module], Any] | None = None,
+    resume: GrowState | None = None,
+    on_checkpoint: Callable[[GrowState], Any] | None = None,
+    checkpoint_steps: int | None = None,
 ) -> GrowResult:
     """Grow ``model`` by splitting steepest descent (module docstring).
 
     Args:
         model: the starting network (it is trained in place, then replaced by grown copies).
-        train_data: training ``(input, target)`` batches (re-batched and reshuffled every epoch).
+            To resume, pass a model built exactly as the first time (its values do not matter).
+        train_data: training ``(input, target)`` batches (re-batched and reshuffled every epoch:
+            epoch ``e`` of round ``r`` gets its own order, from the seed, ``r`` and ``e``).
         loss_fn: mean loss of a batch.
         val_data: optional validation batches, evaluated after every phase.
         task: ``"classification"`` (accuracy is reported) or ``"regression"``.
         config: the settings (:class:`GrowConfig`).
         on_record: called with each history record as it is made and the model as that phase
             trained it, before its split (for logs and checkpoints).
+        resume: a :class:`GrowState` given to ``on_checkpoint`` by an earlier call with the same
+            model, data and config: the run continues from there and ends as the uninterrupted
+            run would have (bit for bit on CPU). Records made before it are not announced again.
+        on_checkpoint: called with the run's :class:`GrowState` after every epoch (and every
+            ``checkpoint_steps`` optimizer steps), after every split, and when growth ends;
+            never after a non-finite loss, so that the last checkpoint stays the last good one.
+            The state refers to live tensors: save it before returning.
+        checkpoint_steps: see ``on_checkpoint``.
 
     Returns:
         The final model, the history (one record per phase: parameters, FLOPs, train loss,
         validation loss/accuracy, neurons split per layer, λ_min statistics, ε, near-twin
-        offspring pairs, wall time) and why growth stopped.
+        offspring pairs, wall time) and why growth stopped. After a non-finite loss the model is
+        the one from the start of the epoch where it happened, ``stopped`` is ``"non-finite"``
+        and the last record's ``non_finite`` says where.
+
+    Raises:
+        ValueError: bad data (:func:`~splitgrow.training.fit.check_data`), or a ``resume`` state
+            of another config or model.
     """
     cfg = config or GrowConfig()
-    if not train_data:
-        raise ValueError("train_data is empty")
-    gen = torch.Generator().manual_seed(cfg.seed)
-    epoch_batches = _epoch_batches(train_data, cfg.batch_size, gen)
+    check_data(train_data, model, task, "train_data")
+    if val_data:
+        check_data(val_data, model, task, "val_data")
+    split = Split(torch.cat([b[0] for b in train_data]), torch.cat([b[1] for b in train_data]))
+
+    def batches_of(rnd: int) -> Callable[[int], list[Batch]]:
+        def epoch(e: int) -> list[Batch]:
+            gen = torch.Generator().manual_seed(_seed(cfg.seed, rnd, e))
+            return split.batches(cfg.batch_size, shuffle=True, generator=gen)
+
+        return epoch
+
     example = train_data[0][0]
     eigen_data = list(train_data)
     if cfg.eigen_samples is not None:
-        eigen_data = epoch_batches()
-        keep, n = [], 0
-        for x, y in eigen_data:
-            keep.append((x[: cfg.eigen_samples - n], y[: cfg.eigen_samples - n]))
-            n += len(keep[-1][1])
+        eigen_data, n = [], 0
+        for x, y in batches_of(-1)(0):  # a shuffle of its own
+            eigen_data.append((x[: cfg.eigen_samples - n], y[: cfg.eigen_samples - n]))
+            n += len(eigen_data[-1][1])
             if n >= cfg.eigen_samples:
                 break
-        eigen_data = keep
-    optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
-    pairs: dict[str, list[tuple[int, int]]] = {}
+    device = example.device
     history: list[dict[str, Any]] = []
+    plans: list[dict[str, list[int]]] = []
+    pairs: dict[str, list[list[int]]] = {}
+    rnd, phase_state, elapsed = 0, None, 0.0
+    if resume is not None:
+        if resume.config != _config_json(cfg):
+            raise ValueError("resume: the checkpoint was made with another config")
+        model = _replay(model, resume.plans)
+        try:
+            model.load_state_dict(resume.model)
+        except RuntimeError as exc:
+            raise ValueError("resume: the checkpoint's model does not fit this model") from exc
+        optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
+        try:
+            optimizer.load_state_dict(resume.optimizer)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"resume: the optimizer state does not fit: {exc}") from exc
+        try:
+            torch.set_rng_state(resume.rng["cpu"])
+            if "cuda" in resume.rng and device.type == "cuda":
+                torch.cuda.set_rng_state(resume.rng["cuda"], device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"resume: the RNG state is not valid: {exc}") from exc
+        history, plans, pairs = list(resume.history), list(resume.plans), dict(resume.pairs)
+        rnd, phase_state, elapsed = resume.round, resume.phase, resume.elapsed
+        if resume.stopped:
+            return GrowResult(model, history, resume.stopped)
+    else:
+        optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
+    start = time.perf_counter() - elapsed
+
+    def checkpoint(phase: Phase, stopped: str = "") -> None:
+        if on_checkpoint is None:
+            return
+        on_checkpoint(
+            GrowState(
+                round=rnd, phase=phase, history=history, plans=plans, pairs=pairs,
+                stopped=stopped, elapsed=time.perf_counter() - start, config=_config_json(cfg),
+                model=model.state_dict(), optimizer=optimizer.state_dict(),
+                rng=_rng_state(device),
+            )
+        )  # fmt: skip
+
     stopped = "rounds"
-    start = time.perf_counter()
-    for rnd in range(cfg.rounds + 1):
+    while True:
         last = rnd == cfg.rounds
         epochs = cfg.final_epochs if last and cfg.final_epochs else cfg.epochs_per_round
         phase = train_phase(
-            model, optimizer, epoch_batches, loss_fn, epochs=epochs, schedule=cfg.schedule,
-            plateau=cfg.plateau, progress=cfg.progress,
+            model, optimizer, batches_of(rnd), loss_fn, epochs=epochs, schedule=cfg.schedule,
+            plateau=cfg.plateau, progress=cfg.progress, resume=phase_state,
+            on_checkpoint=checkpoint, checkpoint_steps=checkpoint_steps,
         )  # fmt: skip
+        phase_state = None
         record: dict[str, Any] = {
             "round": rnd,
             "params": parameter_count(model),
@@ -206,6 +379,7 @@ def grow(
         trained = model
         if phase.stopped == "non-finite":
             stopped = "non-finite"
+            record["non_finite"] = phase.non_finite
         elif not last:
             outcome = _split_round(model, cfg, loss_fn, eigen_data, record)
             if isinstance(outcome, str):
@@ -215,14 +389,19 @@ def grow(
                     optimizer, model, outcome.model, outcome.growth, mode=cfg.carry
                 )
                 model = outcome.model
+                plans.append({k: [p for p, _ in v] for k, v in outcome.pairs.items()})
                 for layer, new_pairs in outcome.pairs.items():
-                    pairs.setdefault(layer, []).extend(new_pairs)
+                    pairs.setdefault(layer, []).extend([list(p) for p in new_pairs])
         record["seconds"] = time.perf_counter() - start
         history.append(record)
         if on_record is not None:
             on_record(record, trained)
-        if stopped != "rounds":
+        if stopped != "rounds" or last:
             break
+        rnd += 1
+        checkpoint(Phase())  # the next phase, not yet started, with the split model
+    if stopped != "non-finite":
+        checkpoint(phase, stopped)
     return GrowResult(model, history, stopped)
 
 
@@ -252,6 +431,7 @@ def _split_round(
         model, loss_fn, eigen_data, method=cfg.method, batchnorm=cfg.batchnorm,
         surrogate_beta=cfg.surrogate_beta, seed=cfg.seed,
     )  # fmt: skip
+    faults.reached("split")
     record["lambda_min"] = {
         k: {
             "min": float(e.values.min()),
