@@ -84,6 +84,19 @@ def test_info_lists_registries(capsys: pytest.CaptureFixture[str]) -> None:
         ),
         (["grow", "--model", "cnn1d"], "takes samples of rank 2"),
         (["eval", "--checkpoint", "/nonexistent/model.pt"], "does not exist"),
+        (["grow", "--rounds", "2.5"], "not an integer: '2.5'"),
+        (["grow", "--lr"], "expected one argument"),
+        (["grow", "--round", "3"], "unrecognized arguments: --round"),  # no abbreviations
+        (["grow", "--weight-decay", "-1"], "must be a non-negative finite number"),
+        (["grow", "--max-widths", "wide"], "expected LAYER=WIDTH, got 'wide'"),
+        (["grow", "--max-widths", "conv=0"], "must be positive: 0"),
+        (["grow", "--model", "mlp", "--max-widths", "fc9=9"], "no splittable layer 'fc9'"),
+        (
+            ["grow", "--model", "mlp", "--widths", "8", "8", "--max-widths", "1=4"],
+            "--max-widths 1=4 is below that layer's starting width 8",
+        ),
+        (["grow", "--plateau", "-0.1"], "must be a positive finite number"),
+        (["grow", "--carry", "keep"], "invalid choice: 'keep'"),
     ],
 )
 def test_bad_input_one_line_exit_2(
@@ -94,6 +107,50 @@ def test_bad_input_one_line_exit_2(
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and words in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()  # no run directory for a refused command
+
+
+QUICK = ["--model", "mlp", "--widths", "4", "4", "--rounds", "1", "--epochs-per-round", "1"]
+
+
+def test_run_directory_is_never_clobbered(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    def refused(argv: list[str], words: str) -> None:
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and words in err, err
+
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    refused(["grow", *QUICK, "--out", str(afile)], f"--out {afile} is a file")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    refused(["grow", *QUICK, "--out", str(run)], f"continue that run with --resume {run}")
+    refused(["grow", "--resume", str(run)], f"{run / 'config.json'} is missing")
+    refused(["grow", "--resume", str(tmp_path / "nope")], "no such run directory")
+    refused(["grow", "--resume", str(run), "--lr", "0.1"], "drop --lr")
+    assert main(["grow", *QUICK, "--out", str(run), "--overwrite"]) == 0
+    assert (run / "notes.txt").read_text() == "mine"  # --overwrite removes run files only
+    first = json.loads((run / "results.json").read_text())
+    assert main(["grow", *QUICK, "--out", str(run), "--overwrite", "--rounds", "0"]) == 0
+    assert json.loads((run / "results.json").read_text())["history"] != first["history"]
+    assert len((run / "log.jsonl").read_text().splitlines()) == 1
+    assert not (run / "round1.pt").exists()
+
+
+def test_non_finite_loss_exit_1_keeps_a_usable_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    argv = [*QUICK, "--widths", "8", "8", "--lr", "1e6", "--out", str(out)]
+    assert main(["grow", *argv]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("splitgrow: training stopped: the loss became non-finite in round 0")
+    assert "model.pt holds the model from the start of that epoch" in err[-1]
+    results = json.loads((out / "results.json").read_text())
+    assert results["stopped"] == "non-finite" and "non_finite" in results["history"][-1]
+    model, _ = load_model(out / "model.pt")
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 def _saved(tmp_path: Path) -> Path:

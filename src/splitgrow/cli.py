@@ -289,6 +289,11 @@ def _grow(args: argparse.Namespace, argv: Sequence[str]) -> int:
         latest = run.latest_state()  # a bad checkpoint raises ValueError: exit 2, nothing lost
         if latest is not None:
             state, folder = latest
+            if state.config != config.to_json():
+                raise UsageError(
+                    f"--resume {run.path}: checkpoint {folder} was made with other settings "
+                    f"than {run.path / 'config.json'}"
+                )
             print(
                 f"resuming {run.path} from {folder} (round {state.round}, "
                 f"{state.phase.epoch} epochs into its phase)",
@@ -305,7 +310,7 @@ def _grow(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 "argv": ["grow", *argv],
                 "cli": cli,
                 "architecture": arch.to_json(),
-                "grow": dict(config.__dict__),
+                "grow": config.to_json(),
             },
         )
 
@@ -353,11 +358,13 @@ def _grow(args: argparse.Namespace, argv: Sequence[str]) -> int:
     print(f"stopped: {result.stopped}; {seconds:.1f} s; run directory: {run.path}")
     if result.stopped == "non-finite":
         where = result.history[-1].get("non_finite") or {}
+        latest = run.latest_state()
+        kept = f"; the last good checkpoint is {latest[1]}" if latest else ""
         print(
             f"splitgrow: training stopped: the loss became non-finite in round "
             f"{result.history[-1]['round']}, epoch {where.get('epoch')}, batch "
-            f"{where.get('batch')}; model.pt holds the model from the start of that epoch and "
-            f"{run.path / 'checkpoints'} the last good state; try a smaller --lr",
+            f"{where.get('batch')}; model.pt holds the model from the start of that epoch"
+            f"{kept}; try a smaller --lr",
             file=sys.stderr,
         )
         return 1

@@ -113,6 +113,12 @@ class GrowConfig:
         if not self.eps_grid or any(not (g > 0) for g in self.eps_grid):
             raise ValueError(f"eps_grid must hold positive numbers, got {self.eps_grid!r}")
 
+    def to_json(self) -> dict[str, Any]:
+        """The settings that shape the results, as JSON gives them back (without ``progress``)."""
+        out: dict[str, Any] = json.loads(json.dumps(dict(self.__dict__)))
+        out.pop("progress", None)
+        return out
+
 
 @dataclass
 class GrowResult:
@@ -182,13 +188,6 @@ class GrowState:
             elapsed=float(meta["elapsed"]), config=meta["config"], model=model,
             optimizer=tensors["optimizer"], rng=rng,
         )  # fmt: skip
-
-
-def _config_json(cfg: GrowConfig) -> dict[str, Any]:
-    """The config as JSON gives it back (tuples become lists), without ``progress``."""
-    out: dict[str, Any] = json.loads(json.dumps(dict(cfg.__dict__)))
-    out.pop("progress", None)
-    return out
 
 
 def _seed(*parts: int) -> int:
@@ -315,7 +314,7 @@ def grow(
     pairs: dict[str, list[list[int]]] = {}
     rnd, phase_state, elapsed = 0, None, 0.0
     if resume is not None:
-        if resume.config != _config_json(cfg):
+        if resume.config != cfg.to_json():
             raise ValueError("resume: the checkpoint was made with another config")
         model = _replay(model, resume.plans)
         try:
@@ -347,7 +346,7 @@ def grow(
         on_checkpoint(
             GrowState(
                 round=rnd, phase=phase, history=history, plans=plans, pairs=pairs,
-                stopped=stopped, elapsed=time.perf_counter() - start, config=_config_json(cfg),
+                stopped=stopped, elapsed=time.perf_counter() - start, config=cfg.to_json(),
                 model=model.state_dict(), optimizer=optimizer.state_dict(),
                 rng=_rng_state(device),
             )
