@@ -1,6 +1,16 @@
 """Training and evaluation, and the growth schedule that calls strategy → surgery."""
 
-from splitgrow.training.fit import Phase, evaluate, make_optimizer, train_phase
-from splitgrow.training.grow import GrowConfig, GrowResult, grow
+from splitgrow.training.fit import Phase, check_data, evaluate, make_optimizer, train_phase
+from splitgrow.training.grow import GrowConfig, GrowResult, GrowState, grow
 
-__all__ = ["GrowConfig", "GrowResult", "Phase", "evaluate", "grow", "make_optimizer", "train_phase"]
+__all__ = [
+    "GrowConfig",
+    "GrowResult",
+    "GrowState",
+    "Phase",
+    "check_data",
+    "evaluate",
+    "grow",
+    "make_optimizer",
+    "train_phase",
+]
