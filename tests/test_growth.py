@@ -81,7 +81,10 @@ def test_stable_when_no_negative_eigenvalue(digits: data.Dataset) -> None:
     model = _model(digits, "mlp", (4,))
     cfg = GrowConfig(rounds=2, epochs_per_round=1, surrogate_beta=None)
     res = grow(model, digits.train.batches(128)[:2], loss_fn=F.cross_entropy, config=cfg)
-    assert res.stopped == "stable" and len(res.history) == 1
+    assert res.stopped == "stable" and res.history[0]["growth_ended"] == "stable"
+    # growth ended after round 0; one last phase trains the 2 epochs rounds 1 and 2 would have had
+    assert len(res.history) == 2 and res.history[1]["epochs"] == 2
+    assert res.history[1]["params"] == res.history[0]["params"]
 
 
 def test_s2d_select_orders_limits_and_budgets() -> None:
@@ -152,5 +155,7 @@ def test_flops_budget_stops_growth(digits: data.Dataset) -> None:
     start = splitgrow.metrics.flops(model, digits.train.x[:1])
     cfg = GrowConfig(rounds=5, epochs_per_round=1, grow_ratio=1.0, budget_flops=start + 1)
     res = grow(model, digits.train.batches(128)[:2], loss_fn=F.cross_entropy, config=cfg)
-    assert res.stopped == "budget" and len(res.history) == 2  # one split, then over budget
+    # one split, then over budget: the last phase trains the 4 epochs left in the schedule
+    assert res.stopped == "budget" and len(res.history) == 3
+    assert [r["epochs"] for r in res.history] == [1, 1, 4]
     assert res.history[-1]["flops"] > start

@@ -28,6 +28,7 @@ from splitgrow.metrics import flops, parameter_count
 from splitgrow.splitting import splitting_eigen
 from splitgrow.splitting.neurons import theta
 from splitgrow.strategies.s2d import added_parameters, s2d_select
+from splitgrow.surgery.fresh import add_fresh_neurons
 from splitgrow.surgery.optimizer import CARRY_MODES, carry_state
 from splitgrow.surgery.split import GrowthMap, split_with_growth
 from splitgrow.training.fit import (
@@ -41,6 +42,8 @@ from splitgrow.training.fit import (
 
 Batch = tuple[Tensor, Tensor]
 EPS_MODES = ("fixed", "relative", "line-search")
+DIRECTIONS = ("eigen", "random", "net2net", "fresh")
+NET2NET_NOISE = 0.01  # net2net: offspring differ by ±1% of the neuron's norm
 TWIN_COSINE = 0.95
 
 
@@ -65,7 +68,12 @@ class GrowConfig:
     eps: float = 0.1  # ε for "fixed"; the factor of ‖θ_i‖ for "relative"
     eps_grid: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # line search: × ‖θ_i‖
     carry: str = "copy"  # optimizer state after a split: "copy" to offspring, or "reset"
-    directions: str = "eigen"  # split along the λ_min eigenvectors, or "random" unit directions
+    # how the selected neurons grow: "eigen" (split along the λ_min eigenvectors), "random"
+    # (split along random unit directions), "net2net" (copies plus 1% noise, no line search),
+    # "fresh" (new neurons with random incoming and zero outgoing weights, as many per layer)
+    directions: str = "eigen"
+    # per round, how many new neurons per layer (replaces the λ selection; directions "fresh" only)
+    counts: list[dict[str, int]] | None = None
     batchnorm: str = "running"  # BatchNorm statistics of the splitting matrices
     surrogate_beta: float | None = 3.0  # softplus β of the ReLU-like surrogate (None: exact)
     eigen_samples: int | None = None  # splitting matrices over this many training samples
@@ -98,7 +106,7 @@ class GrowConfig:
             "method": ("exact", "fast", "auto"),
             "eps_mode": EPS_MODES,
             "carry": CARRY_MODES,
-            "directions": ("eigen", "random"),
+            "directions": DIRECTIONS,
             "batchnorm": ("running", "batch"),
         }
         for name, allowed in choices.items():
@@ -110,6 +118,17 @@ class GrowConfig:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
         if not (0 < self.grow_ratio <= 1):
             raise ValueError(f"grow_ratio must be in (0, 1], got {self.grow_ratio!r}")
+        if self.counts is not None:
+            if self.directions != "fresh":
+                raise ValueError("counts (a fixed growth schedule) needs directions='fresh'")
+            if not isinstance(self.counts, list) or not all(
+                isinstance(c, dict)
+                and all(isinstance(k, str) and isinstance(v, int) and v >= 0 for k, v in c.items())
+                for c in self.counts
+            ):
+                raise ValueError(
+                    f"counts must be a list of {{layer: count}} dicts, got {self.counts!r}"
+                )
         if not self.eps_grid or any(not (g > 0) for g in self.eps_grid):
             raise ValueError(f"eps_grid must hold positive numbers, got {self.eps_grid!r}")
 
@@ -126,7 +145,9 @@ class GrowResult:
 
     model: nn.Module
     history: list[dict[str, Any]]
-    stopped: str  # "rounds", "budget", "stable" (no λ_min < 0) or "non-finite"
+    # why growth stopped: "rounds", "budget", "stable" (no λ_min < 0), "schedule" (``counts``
+    # ran out) or "non-finite"; after all but the last, a final phase trained the epochs left
+    stopped: str
 
 
 @dataclass
@@ -143,14 +164,17 @@ class GrowState:
     history: list[dict[str, Any]]  # records of the finished rounds
     plans: list[dict[str, list[int]]]  # per split made so far: {layer: parent neurons}
     pairs: dict[str, list[list[int]]]  # (parent, offspring) pairs, for the twin count
-    stopped: str  # "" while growing; why growth stopped once it has
+    ended: str  # "" while growing; why growth ended early (then one last phase trains)
+    stopped: str  # "" while the run goes on; why it stopped once it has
     elapsed: float  # seconds of work so far
     config: dict[str, Any]  # the GrowConfig (a resume must use the same one)
     model: dict[str, Tensor]  # state_dict of the model as it is now
     optimizer: dict[str, Any]  # state_dict of its optimizer
     rng: dict[str, Any]  # torch's global RNG states (CPU, and CUDA where used)
 
-    META_KEYS = ("round", "phase", "history", "plans", "pairs", "stopped", "elapsed", "config")
+    META_KEYS = (
+        "round", "phase", "history", "plans", "pairs", "ended", "stopped", "elapsed", "config",
+    )  # fmt: skip
 
     def meta(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in self.META_KEYS}
@@ -176,7 +200,8 @@ class GrowState:
         if not isinstance(tensors["optimizer"], dict):
             raise ValueError("the optimizer state is not a dict")
         types: dict[str, Any] = {
-            "round": int, "history": list, "plans": list, "pairs": dict, "stopped": str,
+            "round": int, "history": list, "plans": list, "pairs": dict, "ended": str,
+            "stopped": str,
             "elapsed": (int, float), "config": dict,
         }  # fmt: skip
         for key, kind in types.items():
@@ -184,7 +209,7 @@ class GrowState:
                 raise ValueError(f"{key} has the wrong type ({type(meta[key]).__name__})")
         return GrowState(
             round=meta["round"], phase=Phase.from_json(meta["phase"]), history=meta["history"],
-            plans=meta["plans"], pairs=meta["pairs"], stopped=meta["stopped"],
+            plans=meta["plans"], pairs=meta["pairs"], ended=meta["ended"], stopped=meta["stopped"],
             elapsed=float(meta["elapsed"]), config=meta["config"], model=model,
             optimizer=tensors["optimizer"], rng=rng,
         )  # fmt: skip
@@ -312,7 +337,7 @@ def grow(
     history: list[dict[str, Any]] = []
     plans: list[dict[str, list[int]]] = []
     pairs: dict[str, list[list[int]]] = {}
-    rnd, phase_state, elapsed = 0, None, 0.0
+    rnd, phase_state, elapsed, ended = 0, None, 0.0, ""
     if resume is not None:
         if resume.config != cfg.to_json():
             raise ValueError("resume: the checkpoint was made with another config")
@@ -334,6 +359,7 @@ def grow(
             raise ValueError(f"resume: the RNG state is not valid: {exc}") from exc
         history, plans, pairs = list(resume.history), list(resume.plans), dict(resume.pairs)
         rnd, phase_state, elapsed = resume.round, resume.phase, resume.elapsed
+        ended = resume.ended
         if resume.stopped:
             return GrowResult(model, history, resume.stopped)
     else:
@@ -346,16 +372,22 @@ def grow(
         on_checkpoint(
             GrowState(
                 round=rnd, phase=phase, history=history, plans=plans, pairs=pairs,
-                stopped=stopped, elapsed=time.perf_counter() - start, config=cfg.to_json(),
+                ended=ended, stopped=stopped, elapsed=time.perf_counter() - start,
+                config=cfg.to_json(),
                 model=model.state_dict(), optimizer=optimizer.state_dict(),
                 rng=_rng_state(device),
             )
         )  # fmt: skip
 
-    stopped = "rounds"
+    def planned(r: int) -> int:
+        return cfg.final_epochs if r == cfg.rounds and cfg.final_epochs else cfg.epochs_per_round
+
+    stopped = ""
+    gen = torch.Generator().manual_seed(_seed(cfg.seed, -2))
     while True:
-        last = rnd == cfg.rounds
-        epochs = cfg.final_epochs if last and cfg.final_epochs else cfg.epochs_per_round
+        last = rnd == cfg.rounds or bool(ended)
+        # after growth ended early, one last phase trains for all the epochs left in the schedule
+        epochs = sum(planned(r) for r in range(rnd, cfg.rounds + 1)) if ended else planned(rnd)
         phase = train_phase(
             model, optimizer, batches_of(rnd), loss_fn, epochs=epochs, schedule=cfg.schedule,
             plateau=cfg.plateau, progress=cfg.progress, resume=phase_state,
@@ -380,9 +412,11 @@ def grow(
             stopped = "non-finite"
             record["non_finite"] = phase.non_finite
         elif not last:
-            outcome = _split_round(model, cfg, loss_fn, eigen_data, record)
+            gen.manual_seed(_seed(cfg.seed, -3, rnd))
+            outcome = _split_round(model, cfg, loss_fn, eigen_data, record, gen)
             if isinstance(outcome, str):
-                stopped = outcome
+                ended = outcome
+                record["growth_ended"] = outcome
             else:
                 optimizer = carry_state(
                     optimizer, model, outcome.model, outcome.growth, mode=cfg.carry
@@ -395,11 +429,12 @@ def grow(
         history.append(record)
         if on_record is not None:
             on_record(record, trained)
-        if stopped != "rounds" or last:
+        if stopped or last:
             break
         rnd += 1
         checkpoint(Phase())  # the next phase, not yet started, with the split model
-    if stopped != "non-finite":
+    if not stopped:
+        stopped = ended or "rounds"
         checkpoint(phase, stopped)
     return GrowResult(model, history, stopped)
 
@@ -419,6 +454,7 @@ def _split_round(
     loss_fn: Callable[[Tensor, Tensor], Tensor],
     eigen_data: Sequence[Batch],
     record: dict[str, Any],
+    gen: torch.Generator,
 ) -> _Split | str:
     """Compute eigenpairs, select and split (recorded in ``record``), or say why growth stops."""
     params = record["params"]
@@ -426,6 +462,12 @@ def _split_round(
         return "budget"
     if cfg.budget_flops is not None and record["flops"] >= cfg.budget_flops:
         return "budget"
+    if cfg.counts is not None:  # a fixed schedule (grow-fresh with another run's counts)
+        rnd = int(record["round"])
+        counts = {k: v for k, v in cfg.counts[rnd].items() if v} if rnd < len(cfg.counts) else {}
+        if not counts:
+            return "schedule"
+        return _fresh(model, counts, gen, record)
     eig = splitting_eigen(
         model, loss_fn, eigen_data, method=cfg.method, batchnorm=cfg.batchnorm,
         surrogate_beta=cfg.surrogate_beta, seed=cfg.seed,
@@ -454,8 +496,9 @@ def _split_round(
             if budget is not None and any(v < 0 for e in eig.values() for v in e.values.tolist())
             else "stable"
         )
-    if cfg.directions == "random":  # the baseline: same neurons, random unit directions
-        gen = torch.Generator().manual_seed(cfg.seed + 7919 * int(record["round"]))
+    if cfg.directions == "fresh":
+        return _fresh(model, {k: int(v.numel()) for k, v in chosen.items()}, gen, record)
+    if cfg.directions in ("random", "net2net"):  # baselines: same neurons, random directions
         vectors = {}
         for k, idx in chosen.items():
             v = torch.randn(len(idx), eig[k].vectors.shape[1], generator=gen, dtype=torch.float64)
@@ -466,8 +509,11 @@ def _split_round(
     norms = {
         k: theta(modules[k])[idx].norm(dim=1).to(eig[k].vectors.dtype) for k, idx in chosen.items()
     }
-    if cfg.eps_mode == "fixed":
-        eps: dict[str, Any] = {k: cfg.eps for k in plan}
+    if cfg.directions == "net2net":
+        eps: dict[str, Any] = {k: NET2NET_NOISE * norms[k] for k in plan}
+        record["eps"] = NET2NET_NOISE
+    elif cfg.eps_mode == "fixed":
+        eps = {k: cfg.eps for k in plan}
         record["eps"] = cfg.eps
     elif cfg.eps_mode == "relative":
         eps = {k: cfg.eps * norms[k] for k in plan}
@@ -487,4 +533,12 @@ def _split_round(
         k: list(zip(idx.tolist(), range(widths[k], widths[k] + idx.numel()), strict=True))
         for k, idx in chosen.items()
     }
+    return _Split(new, growth, pairs)
+
+
+def _fresh(
+    model: nn.Module, counts: dict[str, int], gen: torch.Generator, record: dict[str, Any]
+) -> _Split:
+    new, growth, pairs = add_fresh_neurons(model, counts, generator=gen)
+    record["split"] = dict(counts)
     return _Split(new, growth, pairs)

@@ -1,0 +1,85 @@
+"""The growth baselines inside ``grow``: fresh neurons, Net2Net copies, fixed schedules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from splitgrow import data
+from splitgrow.graph import analyze
+from splitgrow.models import Architecture, widths_of
+from splitgrow.surgery.fresh import add_fresh_neurons
+from splitgrow.training import GrowConfig, grow
+
+
+@pytest.fixture(scope="module")
+def digits() -> data.Dataset:
+    return data.load("digits")
+
+
+def _cnn() -> nn.Module:
+    torch.manual_seed(0)
+    model = Architecture("cnn", [3, 4, 5, 6], "relu", [1, 8, 8], 10).build().double()
+    model.train()
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        for _ in range(3):
+            model(torch.randn(16, 1, 8, 8, dtype=torch.float64))
+    return model.eval()
+
+
+@pytest.mark.parametrize("which", ["one", "layer and its consumer", "all"])
+def test_fresh_neurons_keep_the_function_and_are_fresh(which: str) -> None:
+    model = _cnn()
+    names = [k for k, v in analyze(model).layers.items() if v.splittable]
+    chosen = {"one": names[:1], "layer and its consumer": names[1:3], "all": names}[which]
+    counts = {k: 2 for k in chosen}
+    x = torch.randn(7, 1, 8, 8, dtype=torch.float64)
+    new, growth, pairs = add_fresh_neurons(
+        model, counts, generator=torch.Generator().manual_seed(1)
+    )
+    new.eval()
+    torch.testing.assert_close(new(x), model(x), rtol=1e-12, atol=1e-12)
+    old_widths, new_widths = widths_of(model), widths_of(new)
+    layers = analyze(model).layers
+    modules = dict(new.named_modules())
+    for name in chosen:
+        n = layers[name].n
+        assert [o for _, o in pairs[name]] == [n, n + 1]
+        weight = modules[name].weight.detach()
+        for parent, child in pairs[name]:
+            assert not torch.allclose(weight[parent], weight[child])  # drawn afresh, not a copy
+        for consumer in layers[name].consumers:
+            cols = modules[consumer.name].weight.detach()[:, n * consumer.block :]
+            if consumer.name not in chosen:
+                assert torch.count_nonzero(cols) == 0  # zero outgoing weights
+    assert sum(new_widths) == sum(old_widths) + 2 * len(chosen)
+    assert all(f"{k}.weight" in growth for k in chosen)
+    with pytest.raises(ValueError, match=r"must be an integer in \[0, 3\]"):
+        add_fresh_neurons(model, {names[0]: 4}, generator=torch.Generator())
+
+
+def test_grow_fresh_follows_a_fixed_schedule(digits: data.Dataset) -> None:
+    torch.manual_seed(0)
+    model = Architecture("mlp", [4, 4], "relu", [8, 8], 10).build()
+    counts = [{"1": 2, "3": 1}, {"3": 3}]
+    cfg = GrowConfig(rounds=3, epochs_per_round=1, directions="fresh", counts=counts)
+    res = grow(model, digits.train.batches(128)[:3], loss_fn=F.cross_entropy, config=cfg)
+    assert widths_of(res.model) == [6, 8]
+    assert [r.get("split") for r in res.history] == [counts[0], counts[1], None, None]
+    assert res.stopped == "schedule" and res.history[2]["growth_ended"] == "schedule"
+    assert "lambda_min" not in res.history[0]  # no eigenpairs needed
+    with pytest.raises(ValueError, match="needs directions='fresh'"):
+        GrowConfig(counts=counts)
+
+
+@pytest.mark.parametrize("directions", ["fresh", "net2net", "random"])
+def test_growth_variants_keep_the_schedule(digits: data.Dataset, directions: str) -> None:
+    torch.manual_seed(0)
+    model = Architecture("mlp", [4], "tanh", [8, 8], 10).build()
+    cfg = GrowConfig(rounds=2, epochs_per_round=1, directions=directions, grow_ratio=0.5)
+    res = grow(model, digits.train.batches(128)[:3], loss_fn=F.cross_entropy, config=cfg)
+    assert res.stopped == "rounds" and widths_of(res.model) == [9]  # 4 → 6 → 9
+    if directions == "net2net":
+        assert all(r["eps"] == 0.01 for r in res.history[:2])
