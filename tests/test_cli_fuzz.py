@@ -80,6 +80,9 @@ command_lines = st.one_of(
 )
 
 
+PLANTED = json.dumps({"argv": ["grow", "--model", "mlp", "--widths", "3", "--out", "RUN"]})
+
+
 class Started(Exception):
     """Raised in place of the training of a command that was accepted."""
 
@@ -114,18 +117,18 @@ def _sandbox() -> Iterator[Path]:
         try:
             Path("DIR").mkdir()
             Path("RUN").mkdir()
-            argv = ["grow", "--model", "mlp", "--widths", "3", "--out", "RUN"]
-            Path("RUN/config.json").write_text(json.dumps({"argv": argv}))
+            Path("RUN/config.json").write_text(PLANTED)
             Path("FILE").write_text("not a checkpoint")
             yield Path(tmp)
         finally:
             os.chdir(old)
 
 
-def _run(argv: list[str]) -> tuple[Any, str, str]:
+def _run(argv: list[str]) -> tuple[Any, str, str, bool]:
+    """Exit code (or "started"), stdout, stderr, and whether a run's config.json was written."""
     out, err = io.StringIO(), io.StringIO()
     with (
-        _sandbox(),
+        _sandbox() as root,
         mock.patch.object(cli, "grow", _start),
         mock.patch.object(cli, "run_toy", _start),
         mock.patch.object(cli.datasets, "load", _small_load),
@@ -136,7 +139,8 @@ def _run(argv: list[str]) -> tuple[Any, str, str]:
             code: Any = cli.main(argv)
         except Started:
             code = "started"
-    return code, out.getvalue(), err.getvalue()
+        made_run = any(p.read_text() != PLANTED for p in root.glob("**/config.json"))
+    return code, out.getvalue(), err.getvalue(), made_run
 
 
 @settings(
@@ -147,7 +151,7 @@ def _run(argv: list[str]) -> tuple[Any, str, str]:
 )
 @given(command_lines)
 def test_any_command_line_gets_an_exit_code_never_a_traceback(argv: list[str]) -> None:
-    code, out, err = _run(argv)
+    code, out, err, made_run = _run(argv)
     assert code in (0, 2, "started"), (argv, code, err)
     assert "Traceback" not in err + out
     if code == 2:
@@ -155,8 +159,10 @@ def test_any_command_line_gets_an_exit_code_never_a_traceback(argv: list[str]) -
         assert len(lines) == 1 and lines[0].startswith("splitgrow"), (argv, err)
     if code == 0 and argv[:1] != ["info"]:
         assert "usage:" in out  # only --help, and info, succeed without doing work
-    if code == "started" and argv[:1] == ["grow"]:
-        assert list(Path().glob("**/config.json"))  # the run directory was made
+    if code == "started" and argv[:1] == ["grow"] and "--resume" not in argv:
+        assert made_run  # the run directory was made before the work started
+    if code == 2:
+        assert not made_run  # and never for a refused command
 
 
 @pytest.mark.parametrize(
@@ -170,12 +176,13 @@ def test_any_command_line_gets_an_exit_code_never_a_traceback(argv: list[str]) -
 )
 def test_valid_command_lines_reach_the_work(argv: list[str]) -> None:
     """The sentinel is reached for valid commands: the property above is not vacuous."""
-    code, _, err = _run(argv)
+    code, _, err, made_run = _run(argv)
     assert code == "started", err
+    assert made_run == (argv[0] == "grow")
 
 
 def test_the_property_sees_real_errors() -> None:
-    code, _, err = _run(["grow", "--widths", "3", "--budget-params", "1"])
+    code, _, err, _ = _run(["grow", "--widths", "3", "--budget-params", "1"])
     assert code == 2 and "smaller than the starting model" in err
-    code, _, err = _run(["eval", "--checkpoint", "FILE"])
+    code, _, err, _ = _run(["eval", "--checkpoint", "FILE"])
     assert code == 2 and "FILE" in err and torch.__version__  # names the file
