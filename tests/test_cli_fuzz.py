@@ -2,9 +2,10 @@
 line on stderr that starts with "splitgrow" — and never a traceback.
 
 Command lines are drawn by Hypothesis from the real option names, values that are right, wrong or
-odd for them, and random text. The work behind a valid ``grow`` or ``toy`` command (training) is
-replaced by a sentinel, so the property covers the whole of the argument handling: parsing, data
-loading, model building, budget and layer checks, run-directory checks and ``--resume``.
+odd for them, and random text. The work behind a valid ``grow``, ``toy`` or ``compare`` command
+(training) is replaced by a sentinel, so the property covers the whole of the argument handling:
+parsing, data loading, model building, budget and layer checks, run-directory checks and
+``--resume``.
 """
 
 from __future__ import annotations
@@ -131,6 +132,7 @@ def _run(argv: list[str]) -> tuple[Any, str, str, bool]:
         _sandbox() as root,
         mock.patch.object(cli, "grow", _start),
         mock.patch.object(cli, "run_toy", _start),
+        mock.patch.object(cli, "run_compare", _start),
         mock.patch.object(cli.datasets, "load", _small_load),
         contextlib.redirect_stdout(out),
         contextlib.redirect_stderr(err),
@@ -172,13 +174,14 @@ def test_any_command_line_gets_an_exit_code_never_a_traceback(argv: list[str]) -
         ["grow", "--dataset", "mnist1d", "--model", "cnn1d", "--max-widths", "features.0=9"],
         ["grow", "--dataset", "toy1d", "--model", "rbf1d", "--widths", "2"],
         ["toy", "--start", "3"],
+        ["compare", "--budget-params", "900", "--dataset", "digits", "--widths", "4"],
     ],
 )
 def test_valid_command_lines_reach_the_work(argv: list[str]) -> None:
     """The sentinel is reached for valid commands: the property above is not vacuous."""
     code, _, err, made_run = _run(argv)
     assert code == "started", err
-    assert made_run == (argv[0] == "grow")
+    assert made_run == (argv[0] == "grow")  # compare writes its config inside run_compare
 
 
 def test_the_property_sees_real_errors() -> None:

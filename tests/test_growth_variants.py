@@ -83,3 +83,32 @@ def test_growth_variants_keep_the_schedule(digits: data.Dataset, directions: str
     assert res.stopped == "rounds" and widths_of(res.model) == [9]  # 4 → 6 → 9
     if directions == "net2net":
         assert all(r["eps"] == 0.01 for r in res.history[:2])
+
+
+def test_budget_holds_when_a_layer_and_its_consumer_split_together(digits: data.Dataset) -> None:
+    torch.manual_seed(0)
+    model = Architecture("cnn", [4, 4, 4, 4], "relu", [1, 8, 8], 10).build()
+    start = sum(p.numel() for p in model.parameters())
+    budget = start + 900
+    cfg = GrowConfig(rounds=3, epochs_per_round=1, grow_ratio=1.0, budget_params=budget)
+    res = grow(model, digits.train.batches(128)[:3], loss_fn=F.cross_entropy, config=cfg)
+    splits = [r["split"] for r in res.history if r.get("split")]
+    assert any(len(s) > 1 for s in splits)  # neighbouring layers did split in one round
+    assert all(r["params"] <= budget for r in res.history)
+    assert sum(p.numel() for p in res.model.parameters()) <= budget
+
+
+def test_reach_budget_spreads_growth_over_the_rounds(digits: data.Dataset) -> None:
+    torch.manual_seed(0)
+    model = Architecture("mlp", [4], "tanh", [8, 8], 10).build()
+    start = sum(p.numel() for p in model.parameters())
+    budget = 4 * start
+    cfg = GrowConfig(rounds=4, epochs_per_round=1, grow_ratio=1.0, budget_params=budget,
+                     reach_budget=True)  # fmt: skip
+    res = grow(model, digits.train.batches(128)[:3], loss_fn=F.cross_entropy, config=cfg)
+    sizes = [r["params"] for r in res.history]
+    for r, size in enumerate(sizes[1:]):  # never ahead of the geometric path to the budget
+        assert size <= start * 4 ** ((r + 1) / 4) + 1
+    assert sizes[-1] > 0.8 * budget and sizes[-1] <= budget
+    with pytest.raises(ValueError, match="reach_budget needs budget_params"):
+        GrowConfig(reach_budget=True)

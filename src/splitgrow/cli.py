@@ -2,6 +2,7 @@
 
     splitgrow grow [--model M] [--dataset D] [--widths W …] … [--out DIR]
     splitgrow grow --resume DIR
+    splitgrow compare [--dataset D] [--model M] [--methods …] --budget-params P [--seeds K] …
     splitgrow eval --checkpoint FILE [--dataset D]
     splitgrow info
     splitgrow toy [--start W] [--rounds N] [--iterations K] [--out DIR]
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from splitgrow import data as datasets
+from splitgrow.compare import METHODS, CompareConfig, check_setting, run_compare
 from splitgrow.graph import analyze
 from splitgrow.metrics import flops, parameter_count
 from splitgrow.models import ACTIVATIONS, MODELS, Architecture, widths_of
@@ -147,6 +149,31 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset", default="digits", choices=sorted(datasets.DATASETS))
     e.add_argument("--data-dir", type=Path, default=None)
     e.add_argument("--seed", type=_non_negative_int, default=0)
+    c = sub.add_parser(
+        "compare", help="every method to the same parameter budget: accuracy and cost",
+        allow_abbrev=False,
+    )  # fmt: skip
+    c.add_argument("--dataset", default="mnist1d", choices=sorted(datasets.DATASETS))
+    c.add_argument("--data-dir", type=Path, default=None)
+    c.add_argument("--model", default="mlp", choices=sorted(MODELS))
+    c.add_argument("--widths", type=_positive_int, nargs="+", default=None, help="start widths")
+    c.add_argument("--activation", default=None, choices=sorted(ACTIVATIONS))
+    c.add_argument("--methods", nargs="+", default=None, choices=list(METHODS))
+    c.add_argument("--budget-params", type=_positive_int, required=True)
+    c.add_argument("--seeds", type=_positive_int, default=3)
+    c.add_argument("--epochs", type=_positive_int, default=150)
+    c.add_argument("--rounds", type=_non_negative_int, default=10)
+    c.add_argument("--epochs-per-round", type=_positive_int, default=10)
+    c.add_argument("--grow-ratio", type=_positive_float, default=0.5)
+    c.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
+    c.add_argument("--lr-grid", type=_positive_float, nargs="+", default=[0.02, 0.05, 0.1])
+    c.add_argument("--tune-trials", type=_positive_int, default=3)
+    c.add_argument("--batch-size", type=_positive_int, default=128)
+    c.add_argument("--nas-trials", type=_positive_int, default=8)
+    c.add_argument("--prune-wide", type=_positive_float, default=4.0)
+    c.add_argument("--out", type=Path, default=None, help="run directory (default runs/<time>)")
+    c.add_argument("--overwrite", action="store_true", help="replace the comparison in --out")
+    c.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     sub.add_parser("info", help="list data sets, models and activations", allow_abbrev=False)
     t = sub.add_parser(
         "toy", help="the 1-D toy: splitting vs random splits vs fixed width", allow_abbrev=False
@@ -393,6 +420,26 @@ def _check_against_model(model: torch.nn.Module, config: GrowConfig) -> None:
             )
 
 
+def _compare(args: argparse.Namespace) -> int:
+    _device(args.device)
+    config = CompareConfig(
+        dataset=args.dataset, model=args.model, widths=args.widths, activation=args.activation,
+        budget_params=args.budget_params, methods=args.methods or list(METHODS),
+        seeds=args.seeds, epochs=args.epochs, rounds=args.rounds,
+        epochs_per_round=args.epochs_per_round, grow_ratio=args.grow_ratio,
+        optimizer=args.optimizer, lr_grid=args.lr_grid,
+        tune_trials=min(args.tune_trials, len(args.lr_grid)), batch_size=args.batch_size,
+        nas_trials=args.nas_trials, prune_wide=args.prune_wide,
+        data_dir=None if args.data_dir is None else str(args.data_dir), device=args.device,
+    )  # fmt: skip
+    check_setting(config)  # data, model and budget, before the run directory is made
+    run = _run_dir(args)
+    run_compare(config, run.path, progress=True)
+    print((run.path / "table.md").read_text())
+    print(f"run directory: {run.path}")
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     model, arch = load_model(args.checkpoint)
     data = datasets.load(args.dataset, seed=args.seed, data_dir=args.data_dir)
@@ -412,6 +459,7 @@ def _info(args: argparse.Namespace) -> int:
         print(f"model {name:12s} widths {list(spec.default_widths)}  {spec.doc}")
     print("activations: " + ", ".join(sorted(ACTIVATIONS)))
     print("strategies:  s2d")
+    print("compare:     " + ", ".join(METHODS))
     return 0
 
 
@@ -437,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         if args.command == "grow":
             return _grow(args, argv[1:])
-        commands = {"eval": _eval, "info": _info, "toy": _toy}
+        commands = {"compare": _compare, "eval": _eval, "info": _info, "toy": _toy}
         return commands[args.command](args)
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0

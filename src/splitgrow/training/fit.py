@@ -172,6 +172,7 @@ def train_phase(
     resume: Phase | None = None,
     on_checkpoint: Callable[[Phase], Any] | None = None,
     checkpoint_steps: int | None = None,
+    after_backward: Callable[[], Any] | None = None,
 ) -> Phase:
     """Train for up to ``epochs`` epochs; the learning rate follows ``schedule`` within the phase.
 
@@ -190,6 +191,8 @@ def train_phase(
             this progress together are enough to continue exactly (it is not called after a
             non-finite loss, so the last checkpoint stays good).
         checkpoint_steps: see ``on_checkpoint`` (``None``: at epoch ends only).
+        after_backward: called between each backward pass and its optimizer step (to add a
+            penalty's gradient, as network slimming does).
 
     A non-finite loss stops the phase at once (``Phase.stopped == "non-finite"``, and
     ``Phase.non_finite`` says where): the step that produced it is not taken and the model's
@@ -228,6 +231,8 @@ def train_phase(
                     model.load_state_dict(snapshot)
                     break
                 loss.backward()
+                if after_backward is not None:
+                    after_backward()
                 optimizer.step()
                 phase.loss_sum += float(loss.detach()) * len(y)
                 phase.count += len(y)

@@ -78,6 +78,9 @@ class GrowConfig:
     surrogate_beta: float | None = 3.0  # softplus β of the ReLU-like surrogate (None: exact)
     eigen_samples: int | None = None  # splitting matrices over this many training samples
     budget_params: int | None = None  # never grow beyond this many parameters
+    # grow geometrically to budget_params by the last round: round r (of R) adds at most
+    # P₀·(B/P₀)^((r+1)/R) − P parameters (P₀: the starting size), so growth spreads over the rounds
+    reach_budget: bool = False
     budget_flops: int | None = None  # stop growing once a forward pass costs this many FLOPs
     seed: int = 0  # data order, line-search batch and the fast solver's start
     progress: bool = False  # tqdm progress bars
@@ -129,6 +132,8 @@ class GrowConfig:
                 raise ValueError(
                     f"counts must be a list of {{layer: count}} dicts, got {self.counts!r}"
                 )
+        if self.reach_budget and (self.budget_params is None or self.rounds < 1):
+            raise ValueError("reach_budget needs budget_params and at least one round")
         if not self.eps_grid or any(not (g > 0) for g in self.eps_grid):
             raise ValueError(f"eps_grid must hold positive numbers, got {self.eps_grid!r}")
 
@@ -413,11 +418,13 @@ def grow(
             record["non_finite"] = phase.non_finite
         elif not last:
             gen.manual_seed(_seed(cfg.seed, -3, rnd))
+            record["start_params"] = history[0]["params"] if history else record["params"]
             outcome = _split_round(model, cfg, loss_fn, eigen_data, record, gen)
+            del record["start_params"]
             if isinstance(outcome, str):
                 ended = outcome
                 record["growth_ended"] = outcome
-            else:
+            elif outcome is not None:
                 optimizer = carry_state(
                     optimizer, model, outcome.model, outcome.growth, mode=cfg.carry
                 )
@@ -455,8 +462,9 @@ def _split_round(
     eigen_data: Sequence[Batch],
     record: dict[str, Any],
     gen: torch.Generator,
-) -> _Split | str:
-    """Compute eigenpairs, select and split (recorded in ``record``), or say why growth stops."""
+) -> _Split | str | None:
+    """Compute eigenpairs, select and split (recorded in ``record``), say why growth stops, or
+    (``None``) skip this round."""
     params = record["params"]
     if cfg.budget_params is not None and params >= cfg.budget_params:
         return "budget"
@@ -486,16 +494,30 @@ def _split_round(
     widths = {k: structure.layers[k].n for k in eig}
     costs = {k: added_parameters(structure.layers[k], modules) for k in eig}
     budget = None if cfg.budget_params is None else cfg.budget_params - params
+    if cfg.reach_budget and cfg.budget_params is not None and budget is not None:
+        start = float(record["start_params"])
+        target = start * (cfg.budget_params / start) ** ((record["round"] + 1) / cfg.rounds)
+        budget = min(budget, max(0, int(target) - params))
     chosen = s2d_select(
         {k: e.values for k, e in eig.items()}, widths, ratio=cfg.grow_ratio,
         max_widths=cfg.max_widths, costs=costs, budget=budget,
     )  # fmt: skip
+    if budget is not None:  # a layer split with its consumer adds k·k' cross weights: trim
+        while chosen and _added(chosen, structure, modules, costs) > budget:
+            layer, i = max(
+                ((k, i) for k, idx in chosen.items() for i in range(idx.numel())),
+                key=lambda t: float(eig[t[0]].values[chosen[t[0]][t[1]]]),
+            )
+            keep = torch.ones(chosen[layer].numel(), dtype=torch.bool)
+            keep[i] = False
+            chosen = {k: (v[keep] if k == layer else v) for k, v in chosen.items()}
+            chosen = {k: v for k, v in chosen.items() if v.numel()}
     if not chosen:
-        return (
-            "budget"
-            if budget is not None and any(v < 0 for e in eig.values() for v in e.values.tolist())
-            else "stable"
-        )
+        unstable = any(v < 0 for e in eig.values() for v in e.values.tolist())
+        if unstable and cfg.reach_budget and record["round"] + 1 < cfg.rounds:
+            record["split"] = {}
+            return None  # this round's share of the budget is spent; later rounds get more
+        return "budget" if budget is not None and unstable else "stable"
     if cfg.directions == "fresh":
         return _fresh(model, {k: int(v.numel()) for k, v in chosen.items()}, gen, record)
     if cfg.directions in ("random", "net2net"):  # baselines: same neurons, random directions
@@ -542,3 +564,22 @@ def _fresh(
     new, growth, pairs = add_fresh_neurons(model, counts, generator=gen)
     record["split"] = dict(counts)
     return _Split(new, growth, pairs)
+
+
+def _added(
+    chosen: Mapping[str, Tensor], structure: Any, modules: Mapping[str, nn.Module],
+    costs: Mapping[str, int],
+) -> int:  # fmt: skip
+    """Parameters the split adds: each neuron's cost, plus the weights between new neurons of a
+    layer and new neurons of its consumer (which neither cost counts)."""
+    total = sum(costs[k] * int(v.numel()) for k, v in chosen.items())
+    for k, v in chosen.items():
+        for consumer in structure.layers[k].consumers:
+            if consumer.name in chosen:
+                weight = modules[consumer.name].weight
+                assert isinstance(weight, Tensor)
+                kernel = int(weight[0, 0].numel())
+                total += (
+                    int(v.numel()) * int(chosen[consumer.name].numel()) * consumer.block * kernel
+                )
+    return total

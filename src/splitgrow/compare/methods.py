@@ -1,0 +1,372 @@
+"""The methods ``compare`` runs: splitting, its naive-growth controls, training from scratch,
+pruning a wide network (Torch-Pruning) and width search (Optuna), on one shared footing.
+
+Every method gets the same data, the same number of training epochs, the same optimizer family
+(and a learning rate tuned the same way), the same batch size, and must end at no more than the
+parameter budget. Each returns a :class:`Outcome`: the final model and what it cost.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from splitgrow.data import Dataset, Split
+from splitgrow.metrics import flops, parameter_count
+from splitgrow.models import Architecture, widths_of
+from splitgrow.training import GrowConfig, evaluate, grow, make_optimizer, train_phase
+from splitgrow.training.grow import _seed
+
+Batch = tuple[Tensor, Tensor]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What every method shares (see :class:`splitgrow.compare.CompareConfig`)."""
+
+    data: Dataset
+    arch: Architecture  # the starting architecture (growth starts here; others scale it)
+    budget: int  # parameters, never exceeded
+    epochs: int  # training epochs of every method
+    rounds: int  # growth rounds
+    epochs_per_round: int  # growth: epochs between splits (the rest trains after the last)
+    grow_ratio: float
+    optimizer: str
+    batch_size: int
+    nas_trials: int  # candidates per search
+    prune_wide: float  # the wide network's widths: this × the uniform network's at the budget
+    prune_finetune: float  # fraction of the epochs that fine-tune after pruning
+    slim_penalty: float  # network slimming: L1 coefficient on BatchNorm scales
+    device: torch.device
+    loss_fn: Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class Outcome:
+    """A method's final model and what producing it cost."""
+
+    model: nn.Module
+    epochs_run: float = 0.0  # training sample-passes, in units of the training set
+    train_flops: float = 0.0  # Σ 3 × forward FLOPs per sample × samples trained
+    trajectory: list[tuple[int, float]] = field(default_factory=list)  # (params, test acc)
+    extra: dict[str, Any] = field(default_factory=dict)  # method-specific facts
+
+
+def _batches(split: Split, size: int, device: torch.device) -> list[Batch]:
+    return [(x.to(device), y.to(device)) for x, y in split.batches(size)]
+
+
+def _example(s: Setting) -> Tensor:
+    return s.data.train.x[:1].to(s.device)
+
+
+def _build(arch: Architecture, seed: int, s: Setting) -> nn.Module:
+    torch.manual_seed(seed)
+    return arch.build().to(s.device)
+
+
+def train(
+    model: nn.Module, s: Setting, lr: float, epochs: int, seed: int, tag: str,
+    after_backward: Callable[[], Any] | None = None,
+) -> float:  # fmt: skip
+    """Train ``epochs`` epochs (one cosine phase); returns the training FLOPs spent."""
+    split = s.data.train
+    n = len(split)
+    opt = make_optimizer(model, s.optimizer, lr, 0.9, 0.0)
+    salt = sum(map(ord, tag))
+
+    def epoch(e: int) -> list[Batch]:
+        gen = torch.Generator().manual_seed(_seed(seed, salt, e))
+        return [
+            (x.to(s.device), y.to(s.device))
+            for x, y in split.batches(s.batch_size, shuffle=True, generator=gen)
+        ]
+
+    train_phase(model, opt, epoch, s.loss_fn, epochs=epochs, after_backward=after_backward)
+    return 3.0 * flops(model, _example(s)) * n * epochs
+
+
+def test_accuracy(model: nn.Module, s: Setting) -> float:
+    return evaluate(model, _batches(s.data.test, 512, s.device), s.loss_fn, s.data.task).get(
+        "accuracy", math.nan
+    )
+
+
+def val_accuracy(model: nn.Module, s: Setting) -> float:
+    return evaluate(model, _batches(s.data.val, 512, s.device), s.loss_fn, s.data.task).get(
+        "accuracy", math.nan
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# growth: s2d and its controls
+
+
+def _growth(
+    s: Setting, lr: float, seed: int, *, method: str = "auto", directions: str = "eigen",
+    counts: list[dict[str, int]] | None = None,
+) -> Outcome:  # fmt: skip
+    final = s.epochs - s.rounds * s.epochs_per_round
+    cfg = GrowConfig(
+        rounds=s.rounds, epochs_per_round=s.epochs_per_round, final_epochs=final,
+        optimizer=s.optimizer, lr=lr, batch_size=s.batch_size, grow_ratio=s.grow_ratio,
+        method=method, directions=directions, counts=counts, budget_params=s.budget, seed=seed,
+        reach_budget=counts is None,
+    )  # fmt: skip
+    trajectory: list[tuple[int, float]] = []
+    model = _build(s.arch, seed, s)
+    res = grow(
+        model,
+        _batches(s.data.train, s.batch_size, s.device),
+        loss_fn=s.loss_fn,
+        task=s.data.task,
+        config=cfg,
+        on_record=lambda r, m: trajectory.append((r["params"], test_accuracy(m, s))),
+    )
+    n = len(s.data.train)
+    spent = sum(3.0 * r["flops"] * n * r["epochs"] for r in res.history)
+    trajectory.append((parameter_count(res.model), test_accuracy(res.model, s)))
+    counts_made = [dict(r.get("split", {})) for r in res.history]
+    return Outcome(
+        res.model, float(sum(r["epochs"] for r in res.history)), spent, trajectory,
+        {"counts": counts_made, "stopped": res.stopped},
+    )  # fmt: skip
+
+
+def s2d(s: Setting, lr: float, seed: int, ref: Outcome | None) -> Outcome:
+    return _growth(s, lr, seed, method="exact")
+
+
+def s2d_fast(s: Setting, lr: float, seed: int, ref: Outcome | None) -> Outcome:
+    return _growth(s, lr, seed, method="fast")
+
+
+def random_split(s: Setting, lr: float, seed: int, ref: Outcome | None) -> Outcome:
+    return _growth(s, lr, seed, directions="random")
+
+
+def net2net(s: Setting, lr: float, seed: int, ref: Outcome | None) -> Outcome:
+    return _growth(s, lr, seed, directions="net2net")
+
+
+def grow_fresh(s: Setting, lr: float, seed: int, ref: Outcome | None) -> Outcome:
+    assert ref is not None
+    counts = [c for c in ref.extra["counts"]]
+    return _growth(s, lr, seed, directions="fresh", counts=counts)
+
+
+# ---------------------------------------------------------------------------------------------
+# fixed architectures
+
+
+def scratch(s: Setting, lr: float, seed: int, ref: Outcome | None) -> Outcome:
+    """s2d's final architecture, from random initialisation, for all the epochs."""
+    assert ref is not None
+    model = _build(s.arch.with_widths(widths_of(ref.model)), seed, s)
+    spent = train(model, s, lr, s.epochs, seed, "scratch")
+    return Outcome(model, float(s.epochs), spent)
+
+
+def uniform_widths(arch: Architecture, budget: int) -> list[int]:
+    """The starting widths × one multiplier, the largest whose model fits ``budget``."""
+
+    def widths(m: float) -> list[int]:
+        return [max(1, int(m * w)) for w in arch.widths]
+
+    def size(m: float) -> int:
+        return parameter_count(arch.with_widths(widths(m)).build())
+
+    if size(0.0) > budget:
+        raise ValueError(f"budget {budget} is below the smallest model of this shape")
+    lo, hi = 0.0, 1.0
+    while size(hi) <= budget:
+        lo, hi = hi, hi * 2
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if size(mid) <= budget else (lo, mid)
+    return widths(lo)
+
+
+def uniform(s: Setting, lr: float, seed: int, ref: Outcome | None) -> Outcome:
+    model = _build(s.arch.with_widths(uniform_widths(s.arch, s.budget)), seed, s)
+    spent = train(model, s, lr, s.epochs, seed, "uniform")
+    return Outcome(model, float(s.epochs), spent)
+
+
+# ---------------------------------------------------------------------------------------------
+# pruning a wide network (Torch-Pruning)
+
+
+def _classifier(model: nn.Module) -> nn.Module:
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1]
+
+
+def _prune_to_budget(model: nn.Module, s: Setting, make_pruner: Callable[..., Any]) -> nn.Module:
+    """The largest pruning of ``model`` (a copy, by one ratio) that fits the budget."""
+
+    def pruned(ratio: float) -> nn.Module:
+        m = copy.deepcopy(model)
+        pruner = make_pruner(m, ratio)
+        pruner.step()
+        return m
+
+    lo, hi = 0.0, 1.0
+    best = model if parameter_count(model) <= s.budget else None
+    for _ in range(24):
+        mid = (lo + hi) / 2
+        m = pruned(mid)
+        if parameter_count(m) <= s.budget:
+            best, hi = m, mid
+        else:
+            lo = mid
+    if best is None:
+        raise ValueError(f"pruning cannot bring the wide model under {s.budget} parameters")
+    return best
+
+
+def _prune(s: Setting, lr: float, seed: int, slim: bool) -> Outcome:
+    import torch_pruning as tp
+
+    wide_widths = [max(1, round(s.prune_wide * w)) for w in uniform_widths(s.arch, s.budget)]
+    model = _build(s.arch.with_widths(wide_widths), seed, s)
+    finetune = max(1, round(s.prune_finetune * s.epochs))
+    wide_epochs = s.epochs - finetune
+    example = s.data.train.x[:2].to(s.device)
+    ignored = [_classifier(model)]
+    after_backward = None
+    if slim:
+        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            raise ValueError("prune-slim needs BatchNorm layers; this model has none")
+        regularizer = tp.pruner.BNScalePruner(
+            model, example, importance=tp.importance.BNScaleImportance(),
+            reg=s.slim_penalty, ignored_layers=ignored,
+        )  # fmt: skip
+        after_backward = lambda: regularizer.regularize(model)  # noqa: E731
+    spent = train(model, s, lr, wide_epochs, seed, "wide", after_backward=after_backward)
+    wide_params = parameter_count(model)
+
+    def make_pruner(m: nn.Module, ratio: float) -> Any:
+        head = [_classifier(m)]
+        if slim:  # network slimming: one global threshold on the BatchNorm scales
+            return tp.pruner.BNScalePruner(
+                m, example, importance=tp.importance.BNScaleImportance(), pruning_ratio=ratio,
+                global_pruning=True, ignored_layers=head,
+            )  # fmt: skip
+        # Li et al.: per layer, the filters of smallest L1 norm
+        imp = tp.importance.MagnitudeImportance(p=1, group_reduction="first", normalizer=None)
+        return tp.pruner.BasePruner(
+            m, example, importance=imp, pruning_ratio=ratio, ignored_layers=head
+        )
+
+    model = _prune_to_budget(model, s, make_pruner)
+    spent += train(model, s, lr, finetune, seed, "finetune")
+    return Outcome(
+        model, float(s.epochs), spent,
+        extra={"wide_widths": wide_widths, "wide_params": wide_params},
+    )  # fmt: skip
+
+
+def prune_l1(s: Setting, lr: float, seed: int, ref: Outcome | None) -> Outcome:
+    return _prune(s, lr, seed, slim=False)
+
+
+def prune_slim(s: Setting, lr: float, seed: int, ref: Outcome | None) -> Outcome:
+    return _prune(s, lr, seed, slim=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# width search (Optuna)
+
+
+def fit_shares(arch: Architecture, shares: Sequence[float], budget: int) -> list[int]:
+    """Widths proportional to ``shares``, scaled up as far as the budget allows."""
+    base = arch.with_widths([1] * len(arch.widths))
+    if parameter_count(base.build()) > budget:
+        raise ValueError(f"budget {budget} is below the smallest model of this shape")
+
+    def widths(scale: float) -> list[int]:
+        return [max(1, int(scale * f)) for f in shares]
+
+    def size(scale: float) -> int:
+        return parameter_count(arch.with_widths(widths(scale)).build())
+
+    lo, hi = 0.0, 1.0
+    while size(hi) <= budget:
+        lo, hi = hi, hi * 2
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if size(mid) <= budget else (lo, mid)
+    return widths(lo)
+
+
+def _search(s: Setting, lr: float, seed: int, sampler_name: str) -> Outcome:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = (
+        optuna.samplers.RandomSampler(seed=seed)
+        if sampler_name == "random"
+        else optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(4, s.nas_trials))
+    )
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    models: dict[int, nn.Module] = {}
+    spent = 0.0
+
+    def objective(trial: optuna.Trial) -> float:
+        nonlocal spent
+        shares = [trial.suggest_float(f"w{i}", 0.05, 1.0) for i in range(len(s.arch.widths))]
+        widths = fit_shares(s.arch, shares, s.budget)
+        trial.set_user_attr("widths", widths)
+        model = _build(s.arch.with_widths(widths), _seed(seed, trial.number), s)
+        spent += train(model, s, lr, s.epochs, seed, f"nas{trial.number}")
+        models[trial.number] = model
+        return val_accuracy(model, s)
+
+    study.optimize(objective, n_trials=s.nas_trials)
+    best = study.best_trial
+    return Outcome(
+        models[best.number], float(s.epochs * s.nas_trials), spent,
+        extra={"candidates": [t.user_attrs["widths"] for t in study.trials]},
+    )  # fmt: skip
+
+
+def nas_random(s: Setting, lr: float, seed: int, ref: Outcome | None) -> Outcome:
+    return _search(s, lr, seed, "random")
+
+
+def nas_tpe(s: Setting, lr: float, seed: int, ref: Outcome | None) -> Outcome:
+    return _search(s, lr, seed, "tpe")
+
+
+Method = Callable[[Setting, float, int, Outcome | None], Outcome]
+#: every method, in the order compare runs them (s2d first: scratch and grow-fresh need its run)
+METHODS: dict[str, Method] = {
+    "s2d": s2d,
+    "s2d-fast": s2d_fast,
+    "random-split": random_split,
+    "net2net": net2net,
+    "grow-fresh": grow_fresh,
+    "scratch": scratch,
+    "uniform": uniform,
+    "prune-l1": prune_l1,
+    "prune-slim": prune_slim,
+    "nas-random": nas_random,
+    "nas-tpe": nas_tpe,
+}
+NEEDS_S2D = ("grow-fresh", "scratch")
+
+
+def timed(
+    fn: Method, s: Setting, lr: float, seed: int, ref: Outcome | None
+) -> tuple[Outcome, float]:
+    start = time.perf_counter()
+    out = fn(s, lr, seed, ref)
+    return out, time.perf_counter() - start
