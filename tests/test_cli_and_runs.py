@@ -69,7 +69,7 @@ def test_info_lists_registries(capsys: pytest.CaptureFixture[str]) -> None:
         (["grow", "--model", "resnet"], "invalid choice: 'resnet'"),
         (["grow", "--rounds", "-1"], "must be at least 0: -1"),
         (["grow", "--widths", "0"], "must be positive"),
-        (["grow", "--eps", "nan"], "must be a positive finite number"),
+        (["grow", "--eps", "nan"], "must be a positive number up to 1e+30"),
         (["grow", "--grow-ratio", "2"], "grow_ratio must be in"),
         (
             ["grow", "--widths", "3", "3", "3", "3", "--budget-params", "10"],
@@ -87,7 +87,7 @@ def test_info_lists_registries(capsys: pytest.CaptureFixture[str]) -> None:
         (["grow", "--rounds", "2.5"], "not an integer: '2.5'"),
         (["grow", "--lr"], "expected one argument"),
         (["grow", "--round", "3"], "unrecognized arguments: --round"),  # no abbreviations
-        (["grow", "--weight-decay", "-1"], "must be a non-negative finite number"),
+        (["grow", "--weight-decay", "-1"], "must be a non-negative number up to 1e+30"),
         (["grow", "--max-widths", "wide"], "expected LAYER=WIDTH, got 'wide'"),
         (["grow", "--max-widths", "conv=0"], "must be positive: 0"),
         (["grow", "--model", "mlp", "--max-widths", "fc9=9"], "no splittable layer 'fc9'"),
@@ -95,14 +95,16 @@ def test_info_lists_registries(capsys: pytest.CaptureFixture[str]) -> None:
             ["grow", "--model", "mlp", "--widths", "8", "8", "--max-widths", "1=4"],
             "--max-widths 1=4 is below that layer's starting width 8",
         ),
-        (["grow", "--plateau", "-0.1"], "must be a positive finite number"),
+        (["grow", "--plateau", "-0.1"], "must be a positive number up to 1e+30"),
         (["grow", "--carry", "keep"], "invalid choice: 'keep'"),
+        (["grow", "--lr", "1e39"], "must be a positive number up to 1e+30: 1e39"),
+        (["compare", "--budget-params", "900", "--rounds", "0"], "need at least one growth round"),
     ],
 )
 def test_bad_input_one_line_exit_2(
     argv: list[str], words: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = [*argv, "--out", str(tmp_path / "r")] if argv[:1] == ["grow"] else argv
+    argv = [*argv, "--out", str(tmp_path / "r")] if argv[:1] in (["grow"], ["compare"]) else argv
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and words in err and "Traceback" not in err
@@ -146,7 +148,7 @@ def test_non_finite_loss_exit_1_keeps_a_usable_model(
     assert main(["grow", *argv]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("splitgrow: training stopped: the loss became non-finite in round 0")
-    assert "model.pt holds the model from the start of that epoch" in err[-1]
+    assert "model.pt holds the model from the last checkpoint moment before it" in err[-1]
     results = json.loads((out / "results.json").read_text())
     assert results["stopped"] == "non-finite" and "non_finite" in results["history"][-1]
     model, _ = load_model(out / "model.pt")

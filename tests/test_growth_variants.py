@@ -112,3 +112,41 @@ def test_reach_budget_spreads_growth_over_the_rounds(digits: data.Dataset) -> No
     assert sizes[-1] > 0.8 * budget and sizes[-1] <= budget
     with pytest.raises(ValueError, match="reach_budget needs budget_params"):
         GrowConfig(reach_budget=True)
+
+
+def test_fixed_counts_skip_empty_rounds_and_respect_the_budget(digits: data.Dataset) -> None:
+    torch.manual_seed(0)
+    model = Architecture("mlp", [4, 4], "relu", [8, 8], 10).build()
+    counts = [{"1": 2}, {}, {"3": 1}]
+    cfg = GrowConfig(rounds=4, epochs_per_round=1, directions="fresh", counts=counts)
+    res = grow(model, digits.train.batches(128)[:3], loss_fn=F.cross_entropy, config=cfg)
+    assert widths_of(res.model) == [6, 5]  # the empty round is skipped, not the end
+    assert [r.get("split") for r in res.history[:3]] == counts
+    assert res.history[3]["growth_ended"] == "schedule"
+    torch.manual_seed(0)
+    model = Architecture("mlp", [4], "relu", [8, 8], 10).build()
+    start = sum(p.numel() for p in model.parameters())
+    cfg = GrowConfig(rounds=1, epochs_per_round=1, directions="fresh", counts=[{"1": 4}],
+                     budget_params=start + 170)  # fmt: skip
+    res = grow(model, digits.train.batches(128)[:3], loss_fn=F.cross_entropy, config=cfg)
+    assert res.history[0]["split"] == {"1": 2}  # each new unit costs 64 + 1 + 10 = 75
+    assert sum(p.numel() for p in res.model.parameters()) == start + 150
+
+
+def test_fresh_neurons_start_without_optimizer_history(digits: data.Dataset) -> None:
+    from splitgrow.surgery.optimizer import carry_state
+    from splitgrow.training import make_optimizer
+
+    torch.manual_seed(0)
+    model = Architecture("mlp", [4], "relu", [8, 8], 10).build()
+    opt = make_optimizer(model, "sgd", 0.1, 0.9, 0.0)
+    x, y = digits.train.batches(64)[0]
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    new, growth, _ = add_fresh_neurons(model, {"1": 2}, generator=torch.Generator())
+    carried = carry_state(opt, model, new, growth, fresh=True)
+    params = dict(new.named_parameters())
+    rows = carried.state[params["1.weight"]]["momentum_buffer"]
+    cols = carried.state[params["3.weight"]]["momentum_buffer"]
+    assert torch.count_nonzero(rows[4:]) == 0 and torch.count_nonzero(cols[:, 4:]) == 0
+    assert torch.equal(rows[:4], opt.state[model[1].weight]["momentum_buffer"])

@@ -187,3 +187,50 @@ def test_check_data_regression_and_val() -> None:
             _build(), _batches(), loss_fn=F.cross_entropy, config=GrowConfig(rounds=0),
             val_data=[(torch.full((4, 1, 8, 8), math.nan), torch.tensor([0, 1, 2, 3]))],
         )  # fmt: skip
+
+
+def test_divergence_after_a_mid_epoch_resume_rolls_back_to_the_same_point() -> None:
+    toy = data.load("toy1d")
+    train = toy.train.batches(32)
+    cfg = GrowConfig(rounds=0, epochs_per_round=3, batch_size=32, lr=0.5, seed=1)
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(1, 16), nn.ReLU(), nn.Linear(16, 1))
+
+    def mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(out.squeeze(-1), y)
+
+    saved: list[GrowState] = []
+    kw: dict[str, Any] = {"loss_fn": mse, "task": "regression", "config": cfg}
+    ref = grow(build(), train, **kw, on_checkpoint=lambda s: saved.append(_through_disk(s)),
+               checkpoint_steps=2)  # fmt: skip
+    assert ref.stopped == "non-finite" and saved
+    for state in saved:
+        res = grow(build(), train, **kw, resume=state, checkpoint_steps=2)
+        assert res.stopped == "non-finite"
+        assert res.history[-1]["non_finite"] == ref.history[-1]["non_finite"]
+        assert _same_model(res.model, ref.model), f"resumed at {state.phase}"
+
+
+def test_tampered_progress_is_refused(digits: data.Dataset) -> None:
+    train = digits.train.batches(64)[:3]
+    cfg = GrowConfig(rounds=1, epochs_per_round=1, batch_size=64, grow_ratio=0.5)
+    saved: list[GrowState] = []
+    grow(_build(), train, loss_fn=F.cross_entropy, config=cfg,
+         on_checkpoint=lambda s: saved.append(_through_disk(s)))  # fmt: skip
+    good = saved[-2]  # after the split
+    assert good.pairs  # the split made (parent, offspring) pairs
+
+    def refused(words: str, **change: Any) -> None:
+        meta = {**json.loads(json.dumps(good.meta())), **change}
+        state = GrowState.from_parts(meta, good.tensors())
+        with pytest.raises(ValueError, match=words):
+            grow(_build(), train, loss_fn=F.cross_entropy, config=cfg, resume=state)
+
+    layer = next(iter(good.pairs))
+    refused(r"twin pair \[0, 999\]", pairs={layer: [[0, 999]]})
+    refused("twin pairs name no layer 'nosuch'", pairs={"nosuch": [[0, 1]]})
+    refused(r"round 7 is outside \[0, 1\]", round=7)
+    refused("the history does not hold rounds", history=[1])
+    refused("phase's progress is malformed", phase={**good.phase.to_json(), "batch": -1})

@@ -32,6 +32,7 @@ from splitgrow.models import ACTIVATIONS, MODELS, Architecture, widths_of
 from splitgrow.runs import RunDir, load_model, plot_run
 from splitgrow.toy import run_toy
 from splitgrow.training import GrowConfig, evaluate, grow
+from splitgrow.training.grow import MAX_SETTING
 
 
 class UsageError(Exception):
@@ -68,8 +69,8 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number: {text}")
+    if not 0 < value <= MAX_SETTING:
+        raise argparse.ArgumentTypeError(f"must be a positive number up to {MAX_SETTING:g}: {text}")
     return value
 
 
@@ -78,8 +79,10 @@ def _non_negative_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a non-negative finite number: {text}")
+    if not 0 <= value <= MAX_SETTING:
+        raise argparse.ArgumentTypeError(
+            f"must be a non-negative number up to {MAX_SETTING:g}: {text}"
+        )
     return value
 
 
@@ -90,8 +93,8 @@ def _layer_width(text: str) -> tuple[str, int]:
     return name, _positive_int(width)
 
 
-#: options that ``grow --resume`` accepts besides itself (they do not change the results)
-RESUME_OPTIONS = {"--resume", "--device", "--checkpoint-every"}
+#: options that ``grow --resume`` accepts besides itself (``--device``: CUDA results differ anyway)
+RESUME_OPTIONS = {"--resume", "--device"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -248,9 +251,8 @@ def _saved_args(folder: Path, argv: Sequence[str], given: argparse.Namespace) ->
     if args.command != "grow" or args.resume is not None:
         raise UsageError(f"--resume {folder}: {config_path} does not hold a grow command")
     args.out, args.resume = folder, folder
-    for option in ("device", "checkpoint_every"):
-        if f"--{option.replace('_', '-')}" in _given_options(argv):
-            setattr(args, option, getattr(given, option))
+    if "--device" in _given_options(argv):
+        args.device = given.device
     return args
 
 
@@ -262,8 +264,9 @@ def _run_dir(args: argparse.Namespace) -> RunDir:
     run = RunDir(out)
     if not run.is_empty():
         if not args.overwrite:
+            resume = f"continue that run with --resume {out}, " if args.command == "grow" else ""
             raise UsageError(
-                f"--out {out} already holds files; continue that run with --resume {out}, "
+                f"--out {out} already holds files; {resume}"
                 "replace it with --overwrite, or choose another --out"
             )
         run.clear()
@@ -358,6 +361,10 @@ def _grow(args: argparse.Namespace, argv: Sequence[str]) -> int:
             on_checkpoint=run.save_state,
             checkpoint_steps=args.checkpoint_every,
         )
+    except ValueError as exc:
+        if state is not None and str(exc).startswith("resume:"):  # name the checkpoint
+            raise ValueError(f"checkpoint {folder}: {str(exc)[len('resume: ') :]}") from exc
+        raise
     except KeyboardInterrupt:
         print(
             f"splitgrow: interrupted; continue with: splitgrow grow --resume {run.path}",
@@ -390,8 +397,8 @@ def _grow(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print(
             f"splitgrow: training stopped: the loss became non-finite in round "
             f"{result.history[-1]['round']}, epoch {where.get('epoch')}, batch "
-            f"{where.get('batch')}; model.pt holds the model from the start of that epoch"
-            f"{kept}; try a smaller --lr",
+            f"{where.get('batch')}; model.pt holds the model from the last checkpoint moment "
+            f"before it{kept}; try a smaller --lr",
             file=sys.stderr,
         )
         return 1

@@ -35,7 +35,7 @@ from splitgrow.training.grow import GrowState
 KEEP_CHECKPOINTS = 2
 #: what a run writes at its top level (``RunDir.clear`` removes exactly these)
 RUN_FILES = ("config.json", "log.jsonl", "model.pt", "model.json", "results.json", "loss.png",
-             "growth.png")  # fmt: skip
+             "growth.png", "tuning.json", "table.md", "pareto.png")  # fmt: skip
 
 
 def _fsync_dir(path: Path) -> None:

@@ -38,6 +38,8 @@ from splitgrow.runs import RunDir
 from splitgrow.training import evaluate
 
 TUNE_SEED = 1000  # the seed of the tuning runs (never one of the reported seeds)
+#: methods that grow (and so need rounds ≥ 1): s2d's controls and those built on its run
+GROWTH_METHODS = ("s2d", "s2d-fast", "random-split", "net2net", "grow-fresh", "scratch")
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,9 @@ class CompareConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 0:
             raise ValueError(f"rounds must be a non-negative integer, got {self.rounds!r}")
+        growing = [m for m in self.methods if m in GROWTH_METHODS]
+        if growing and self.rounds < 1:
+            raise ValueError(f"{', '.join(growing)} need at least one growth round (rounds ≥ 1)")
         if self.rounds * self.epochs_per_round >= self.epochs:
             raise ValueError(
                 f"rounds × epochs_per_round ({self.rounds} × {self.epochs_per_round}) must be "
@@ -102,7 +107,7 @@ class CompareConfig:
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
 
 
-def _setting(cfg: CompareConfig) -> Setting:
+def make_setting(cfg: CompareConfig) -> Setting:
     import torch.nn.functional as F
 
     data = datasets.load(cfg.dataset, seed=0, data_dir=cfg.data_dir)
@@ -129,7 +134,7 @@ def _setting(cfg: CompareConfig) -> Setting:
 
 def check_setting(cfg: CompareConfig) -> None:
     """Raise ``ValueError`` now for what would fail later: the data, the model, the budget."""
-    s = _setting(cfg)
+    s = make_setting(cfg)
     uniform_widths(s.arch, s.budget)
 
 
@@ -171,7 +176,7 @@ def run_compare(
     on_record: Callable[[dict[str, Any]], Any] | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Run the comparison into the run directory ``out``; returns the records."""
-    s = _setting(cfg)
+    s = make_setting(cfg)
     run = RunDir(out)
     run.write_json("config.json", asdict(cfg))
     order = _order(cfg.methods)
@@ -184,6 +189,10 @@ def run_compare(
         method: str, lr: float, seed: int, ref: Outcome | None
     ) -> tuple[Outcome, float] | None:
         bar.set_postfix_str(f"{method} lr={lr} seed={seed}")
+        if method in NEEDS_S2D and ref is None:
+            skipped[method] = "it needs s2d's run, which did not run"
+            bar.update(1)
+            return None
         try:
             return timed(METHODS[method], s, lr, seed, ref)
         except ValueError as exc:  # a method that does not apply (prune-slim without BN …)
@@ -313,4 +322,12 @@ def pareto(records: Sequence[dict[str, Any]], path: Path, budget: int) -> Path:
     return path
 
 
-__all__ = ["METHODS", "CompareConfig", "check_setting", "pareto", "run_compare", "table"]
+__all__ = [
+    "METHODS",
+    "CompareConfig",
+    "check_setting",
+    "make_setting",
+    "pareto",
+    "run_compare",
+    "table",
+]

@@ -59,7 +59,7 @@ class Outcome:
     extra: dict[str, Any] = field(default_factory=dict)  # method-specific facts
 
 
-def _batches(split: Split, size: int, device: torch.device) -> list[Batch]:
+def batches_of(split: Split, size: int, device: torch.device) -> list[Batch]:
     return [(x.to(device), y.to(device)) for x, y in split.batches(size)]
 
 
@@ -67,7 +67,7 @@ def _example(s: Setting) -> Tensor:
     return s.data.train.x[:1].to(s.device)
 
 
-def _build(arch: Architecture, seed: int, s: Setting) -> nn.Module:
+def build_model(arch: Architecture, seed: int, s: Setting) -> nn.Module:
     torch.manual_seed(seed)
     return arch.build().to(s.device)
 
@@ -75,8 +75,9 @@ def _build(arch: Architecture, seed: int, s: Setting) -> nn.Module:
 def train(
     model: nn.Module, s: Setting, lr: float, epochs: int, seed: int, tag: str,
     after_backward: Callable[[], Any] | None = None,
-) -> float:  # fmt: skip
-    """Train ``epochs`` epochs (one cosine phase); returns the training FLOPs spent."""
+) -> tuple[float, int, str]:  # fmt: skip
+    """Train ``epochs`` epochs (one cosine phase); returns the training FLOPs spent, the epochs
+    run and why the phase ended ("epochs" or "non-finite")."""
     split = s.data.train
     n = len(split)
     opt = make_optimizer(model, s.optimizer, lr, 0.9, 0.0)
@@ -89,18 +90,19 @@ def train(
             for x, y in split.batches(s.batch_size, shuffle=True, generator=gen)
         ]
 
-    train_phase(model, opt, epoch, s.loss_fn, epochs=epochs, after_backward=after_backward)
-    return 3.0 * flops(model, _example(s)) * n * epochs
+    phase = train_phase(model, opt, epoch, s.loss_fn, epochs=epochs, after_backward=after_backward)
+    run = phase.epoch + (phase.non_finite or {}).get("batch", 0) * s.batch_size / n
+    return 3.0 * flops(model, _example(s)) * n * run, phase.epoch, phase.stopped
 
 
 def test_accuracy(model: nn.Module, s: Setting) -> float:
-    return evaluate(model, _batches(s.data.test, 512, s.device), s.loss_fn, s.data.task).get(
+    return evaluate(model, batches_of(s.data.test, 512, s.device), s.loss_fn, s.data.task).get(
         "accuracy", math.nan
     )
 
 
 def val_accuracy(model: nn.Module, s: Setting) -> float:
-    return evaluate(model, _batches(s.data.val, 512, s.device), s.loss_fn, s.data.task).get(
+    return evaluate(model, batches_of(s.data.val, 512, s.device), s.loss_fn, s.data.task).get(
         "accuracy", math.nan
     )
 
@@ -121,22 +123,29 @@ def _growth(
         reach_budget=counts is None,
     )  # fmt: skip
     trajectory: list[tuple[int, float]] = []
-    model = _build(s.arch, seed, s)
+    eval_s = [0.0]
+
+    def follow(record: dict[str, Any], trained: nn.Module) -> None:
+        start = time.perf_counter()
+        trajectory.append((record["params"], test_accuracy(trained, s)))
+        eval_s[0] += time.perf_counter() - start
+
+    model = build_model(s.arch, seed, s)
     res = grow(
         model,
-        _batches(s.data.train, s.batch_size, s.device),
+        batches_of(s.data.train, s.batch_size, s.device),
         loss_fn=s.loss_fn,
         task=s.data.task,
         config=cfg,
-        on_record=lambda r, m: trajectory.append((r["params"], test_accuracy(m, s))),
+        on_record=follow,
     )
     n = len(s.data.train)
     spent = sum(3.0 * r["flops"] * n * r["epochs"] for r in res.history)
-    trajectory.append((parameter_count(res.model), test_accuracy(res.model, s)))
-    counts_made = [dict(r.get("split", {})) for r in res.history]
+    follow({"params": parameter_count(res.model)}, res.model)
+    counts_made = [dict(r.get("split", {})) for r in res.history if "split" in r]
     return Outcome(
         res.model, float(sum(r["epochs"] for r in res.history)), spent, trajectory,
-        {"counts": counts_made, "stopped": res.stopped},
+        {"counts": counts_made, "stopped": res.stopped, "eval_s": eval_s[0]},
     )  # fmt: skip
 
 
@@ -169,9 +178,13 @@ def grow_fresh(s: Setting, lr: float, seed: int, ref: Outcome | None) -> Outcome
 def scratch(s: Setting, lr: float, seed: int, ref: Outcome | None) -> Outcome:
     """s2d's final architecture, from random initialisation, for all the epochs."""
     assert ref is not None
-    model = _build(s.arch.with_widths(widths_of(ref.model)), seed, s)
-    spent = train(model, s, lr, s.epochs, seed, "scratch")
-    return Outcome(model, float(s.epochs), spent)
+    model = build_model(s.arch.with_widths(widths_of(ref.model)), seed, s)
+    return _trained(model, s, lr, seed, "scratch")
+
+
+def _trained(model: nn.Module, s: Setting, lr: float, seed: int, tag: str) -> Outcome:
+    spent, epochs, stopped = train(model, s, lr, s.epochs, seed, tag)
+    return Outcome(model, float(epochs), spent, extra={"stopped": stopped})
 
 
 def uniform_widths(arch: Architecture, budget: int) -> list[int]:
@@ -195,9 +208,8 @@ def uniform_widths(arch: Architecture, budget: int) -> list[int]:
 
 
 def uniform(s: Setting, lr: float, seed: int, ref: Outcome | None) -> Outcome:
-    model = _build(s.arch.with_widths(uniform_widths(s.arch, s.budget)), seed, s)
-    spent = train(model, s, lr, s.epochs, seed, "uniform")
-    return Outcome(model, float(s.epochs), spent)
+    model = build_model(s.arch.with_widths(uniform_widths(s.arch, s.budget)), seed, s)
+    return _trained(model, s, lr, seed, "uniform")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,7 +248,7 @@ def _prune(s: Setting, lr: float, seed: int, slim: bool) -> Outcome:
     import torch_pruning as tp
 
     wide_widths = [max(1, round(s.prune_wide * w)) for w in uniform_widths(s.arch, s.budget)]
-    model = _build(s.arch.with_widths(wide_widths), seed, s)
+    model = build_model(s.arch.with_widths(wide_widths), seed, s)
     finetune = max(1, round(s.prune_finetune * s.epochs))
     wide_epochs = s.epochs - finetune
     example = s.data.train.x[:2].to(s.device)
@@ -250,7 +262,9 @@ def _prune(s: Setting, lr: float, seed: int, slim: bool) -> Outcome:
             reg=s.slim_penalty, ignored_layers=ignored,
         )  # fmt: skip
         after_backward = lambda: regularizer.regularize(model)  # noqa: E731
-    spent = train(model, s, lr, wide_epochs, seed, "wide", after_backward=after_backward)
+    spent, wide_run, stopped = train(
+        model, s, lr, wide_epochs, seed, "wide", after_backward=after_backward
+    )
     wide_params = parameter_count(model)
 
     def make_pruner(m: nn.Module, ratio: float) -> Any:
@@ -267,10 +281,11 @@ def _prune(s: Setting, lr: float, seed: int, slim: bool) -> Outcome:
         )
 
     model = _prune_to_budget(model, s, make_pruner)
-    spent += train(model, s, lr, finetune, seed, "finetune")
+    tuned, tune_run, tune_stopped = train(model, s, lr, finetune, seed, "finetune")
     return Outcome(
-        model, float(s.epochs), spent,
-        extra={"wide_widths": wide_widths, "wide_params": wide_params},
+        model, float(wide_run + tune_run), spent + tuned,
+        extra={"wide_widths": wide_widths, "wide_params": wide_params,
+               "stopped": stopped if stopped != "epochs" else tune_stopped},
     )  # fmt: skip
 
 
@@ -319,21 +334,24 @@ def _search(s: Setting, lr: float, seed: int, sampler_name: str) -> Outcome:
     study = optuna.create_study(direction="maximize", sampler=sampler)
     models: dict[int, nn.Module] = {}
     spent = 0.0
+    passes: list[int] = []
 
     def objective(trial: optuna.Trial) -> float:
         nonlocal spent
         shares = [trial.suggest_float(f"w{i}", 0.05, 1.0) for i in range(len(s.arch.widths))]
         widths = fit_shares(s.arch, shares, s.budget)
         trial.set_user_attr("widths", widths)
-        model = _build(s.arch.with_widths(widths), _seed(seed, trial.number), s)
-        spent += train(model, s, lr, s.epochs, seed, f"nas{trial.number}")
+        model = build_model(s.arch.with_widths(widths), _seed(seed, trial.number), s)
+        flops_spent, epochs, stopped = train(model, s, lr, s.epochs, seed, f"nas{trial.number}")
+        spent += flops_spent
+        passes.append(epochs)
         models[trial.number] = model
-        return val_accuracy(model, s)
+        return val_accuracy(model, s) if stopped == "epochs" else 0.0
 
     study.optimize(objective, n_trials=s.nas_trials)
     best = study.best_trial
     return Outcome(
-        models[best.number], float(s.epochs * s.nas_trials), spent,
+        models[best.number], float(sum(passes)), spent,
         extra={"candidates": [t.user_attrs["widths"] for t in study.trials]},
     )  # fmt: skip
 
@@ -367,6 +385,7 @@ NEEDS_S2D = ("grow-fresh", "scratch")
 def timed(
     fn: Method, s: Setting, lr: float, seed: int, ref: Outcome | None
 ) -> tuple[Outcome, float]:
+    """The outcome and the seconds it took (less the growth trajectory's test evaluations)."""
     start = time.perf_counter()
     out = fn(s, lr, seed, ref)
-    return out, time.perf_counter() - start
+    return out, time.perf_counter() - start - float(out.extra.get("eval_s", 0.0))

@@ -20,10 +20,13 @@ from splitgrow.surgery.split import GrowthMap
 CARRY_MODES = ("copy", "reset")
 
 
-def _grow(value: Tensor, like: Tensor, growths: list[Any]) -> Tensor:
+def _grow(value: Tensor, like: Tensor, growths: list[Any], fresh: bool = False) -> Tensor:
     value = value.clone()  # never share state with the old optimizer
     for g in growths:
+        old = value.shape[g.dim]
         value = value.index_select(g.dim, g.source.to(value.device))
+        if fresh:
+            value.narrow(g.dim, old, value.shape[g.dim] - old).zero_()
     if value.shape != like.shape:
         raise ValueError(
             f"optimizer state of shape {tuple(value.shape)} does not fit {tuple(like.shape)}"
@@ -38,6 +41,7 @@ def carry_state(
     growth: GrowthMap,
     *,
     mode: str = "copy",
+    fresh: bool = False,
 ) -> torch.optim.Optimizer:
     """A new optimizer of the same class and settings over ``new``'s parameters.
 
@@ -47,6 +51,8 @@ def carry_state(
         new: the model after the split (from :func:`~splitgrow.surgery.split.split_with_growth`).
         growth: how each parameter grew.
         mode: ``"copy"`` (state carried to parents and offspring) or ``"reset"`` (fresh state).
+        fresh: the new slots hold new neurons, not offspring (``add_fresh_neurons``): their
+            state starts at zero instead of a copy of the slot they were cut from.
 
     Raises:
         ValueError: an unknown mode, or an optimizer holding a tensor that is not a parameter of
@@ -81,7 +87,7 @@ def carry_state(
                 continue
             target = new_params[name]
             rebuilt.state[target] = {
-                key: _grow(value, target, growth.get(name, []))
+                key: _grow(value, target, growth.get(name, []), fresh)
                 if isinstance(value, Tensor) and value.shape == old_params[name].shape
                 else (value.clone() if isinstance(value, Tensor) else value)
                 for key, value in state.items()

@@ -196,7 +196,9 @@ def train_phase(
 
     A non-finite loss stops the phase at once (``Phase.stopped == "non-finite"``, and
     ``Phase.non_finite`` says where): the step that produced it is not taken and the model's
-    parameters and buffers are rolled back to where that epoch started (or was resumed).
+    parameters and buffers are rolled back to the last checkpoint moment: where the epoch started,
+    its last ``checkpoint_steps`` step, or where the phase was resumed — the same point in a
+    resumed run as in the uninterrupted one.
     """
     if checkpoint_steps is not None and (
         not isinstance(checkpoint_steps, int) or checkpoint_steps < 1
@@ -240,12 +242,13 @@ def train_phase(
                 phase.batch += 1
                 faults.reached("step")
                 if (
-                    on_checkpoint is not None
-                    and checkpoint_steps is not None
+                    checkpoint_steps is not None
                     and phase.step % checkpoint_steps == 0
                     and phase.batch < len(batches)
                 ):
-                    on_checkpoint(phase)
+                    if on_checkpoint is not None:
+                        on_checkpoint(phase)
+                    snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
             if phase.stopped == "non-finite":
                 break
             mean = phase.loss_sum / max(phase.count, 1)

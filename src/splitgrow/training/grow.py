@@ -10,6 +10,7 @@ last model.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -43,6 +44,7 @@ from splitgrow.training.fit import (
 Batch = tuple[Tensor, Tensor]
 EPS_MODES = ("fixed", "relative", "line-search")
 DIRECTIONS = ("eigen", "random", "net2net", "fresh")
+MAX_SETTING = 1e30  # learning rates, ε and penalties above this overflow float32 arithmetic
 NET2NET_NOISE = 0.01  # net2net: offspring differ by ±1% of the neuron's norm
 TWIN_COSINE = 0.95
 
@@ -117,8 +119,16 @@ class GrowConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("lr", "eps"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
+            if not (isinstance(value, (int, float)) and 0 < value <= MAX_SETTING):
+                raise ValueError(
+                    f"{name} must be a positive number up to {MAX_SETTING:g}, got {value!r}"
+                )
+        for name in ("momentum", "weight_decay"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 <= value <= MAX_SETTING):
+                raise ValueError(
+                    f"{name} must be a non-negative number up to {MAX_SETTING:g}, got {value!r}"
+                )
         if not (0 < self.grow_ratio <= 1):
             raise ValueError(f"grow_ratio must be in (0, 1], got {self.grow_ratio!r}")
         if self.counts is not None:
@@ -233,6 +243,47 @@ def _rng_state(device: torch.device) -> dict[str, Any]:
     return state
 
 
+def _check_progress(state: GrowState, cfg: GrowConfig) -> None:
+    """The counters of a checkpoint must be ones this config can reach."""
+    if not 0 <= state.round <= cfg.rounds:
+        raise ValueError(f"resume: round {state.round} is outside [0, {cfg.rounds}]")
+    done = state.round + (1 if state.stopped else 0)
+    if len(state.history) != done or not all(
+        isinstance(r, dict) and r.get("round") == i for i, r in enumerate(state.history)
+    ):
+        raise ValueError(f"resume: the history does not hold rounds 0 … {done - 1} in order")
+    if len(state.plans) > state.round:
+        raise ValueError(f"resume: {len(state.plans)} splits recorded before round {state.round}")
+    known = ("", "rounds", "budget", "stable", "schedule", "non-finite")
+    if state.ended not in known or state.stopped not in known:
+        raise ValueError(f"resume: unknown stop reasons {state.ended!r}, {state.stopped!r}")
+    ph = state.phase
+    ints = (ph.batch, ph.step, ph.count)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints) or not (
+        isinstance(ph.epoch_losses, list)
+        and all(isinstance(v, (int, float)) for v in [*ph.epoch_losses, ph.loss_sum, ph.best])
+        and isinstance(ph.base_lrs, list)
+        and all(isinstance(v, (int, float)) for v in ph.base_lrs)
+        and isinstance(ph.stopped, str)
+    ):
+        raise ValueError("resume: the training phase's progress is malformed")
+
+
+def _check_pairs(pairs: Any, model: nn.Module) -> None:
+    layers = analyze(model).layers
+    for name, pp in pairs.items():
+        if name not in layers:
+            raise ValueError(f"resume: twin pairs name no layer {name!r}")
+        n = layers[name].n
+        for pair in pp:
+            if (
+                not isinstance(pair, list)
+                or len(pair) != 2
+                or not all(isinstance(i, int) and 0 <= i < n for i in pair)
+            ):
+                raise ValueError(f"resume: twin pair {pair!r} of {name!r} is not in [0, {n})")
+
+
 def _replay(model: nn.Module, plans: Sequence[Any]) -> nn.Module:
     """``model`` reshaped by the splits in ``plans`` (its values are then overwritten)."""
     for i, plan in enumerate(plans):
@@ -302,7 +353,7 @@ def grow(
         on_checkpoint: called with the run's :class:`GrowState` after every epoch (and every
             ``checkpoint_steps`` optimizer steps), after every split, and when growth ends;
             never after a non-finite loss, so that the last checkpoint stays the last good one.
-            The state refers to live tensors: save it before returning.
+            The state's tensors are the live ones: save them before returning.
         checkpoint_steps: see ``on_checkpoint``.
 
     Returns:
@@ -346,7 +397,14 @@ def grow(
     if resume is not None:
         if resume.config != cfg.to_json():
             raise ValueError("resume: the checkpoint was made with another config")
-        model = _replay(model, resume.plans)
+        _check_progress(resume, cfg)
+        try:
+            model = _replay(model, resume.plans)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(
+                f"resume: the checkpoint's splits do not fit this model: {exc}"
+            ) from exc
+        _check_pairs(resume.pairs, model)
         try:
             model.load_state_dict(resume.model)
         except RuntimeError as exc:
@@ -376,7 +434,9 @@ def grow(
             return
         on_checkpoint(
             GrowState(
-                round=rnd, phase=phase, history=history, plans=plans, pairs=pairs,
+                round=rnd, phase=Phase.from_json(copy.deepcopy(phase.to_json())),
+                history=list(history), plans=list(plans),
+                pairs={k: list(v) for k, v in pairs.items()},
                 ended=ended, stopped=stopped, elapsed=time.perf_counter() - start,
                 config=cfg.to_json(),
                 model=model.state_dict(), optimizer=optimizer.state_dict(),
@@ -426,8 +486,9 @@ def grow(
                 record["growth_ended"] = outcome
             elif outcome is not None:
                 optimizer = carry_state(
-                    optimizer, model, outcome.model, outcome.growth, mode=cfg.carry
-                )
+                    optimizer, model, outcome.model, outcome.growth, mode=cfg.carry,
+                    fresh=cfg.directions == "fresh",
+                )  # fmt: skip
                 model = outcome.model
                 plans.append({k: [p for p, _ in v] for k, v in outcome.pairs.items()})
                 for layer, new_pairs in outcome.pairs.items():
@@ -472,9 +533,23 @@ def _split_round(
         return "budget"
     if cfg.counts is not None:  # a fixed schedule (grow-fresh with another run's counts)
         rnd = int(record["round"])
-        counts = {k: v for k, v in cfg.counts[rnd].items() if v} if rnd < len(cfg.counts) else {}
-        if not counts:
+        if rnd >= len(cfg.counts):
             return "schedule"
+        counts = {k: v for k, v in cfg.counts[rnd].items() if v}
+        if counts and cfg.budget_params is not None:  # never past the budget
+            structure = analyze(model)
+            modules = dict(model.named_modules())
+            costs = {k: added_parameters(structure.require(k), modules) for k in counts}
+            while counts:
+                as_idx = {k: torch.arange(v) for k, v in counts.items()}
+                if params + _added(as_idx, structure, modules, costs) <= cfg.budget_params:
+                    break
+                top = max(counts, key=lambda k: counts[k])
+                counts[top] -= 1
+                counts = {k: v for k, v in counts.items() if v}
+        if not counts:
+            record["split"] = {}
+            return None  # a round the schedule (or the budget) skips
         return _fresh(model, counts, gen, record)
     eig = splitting_eigen(
         model, loss_fn, eigen_data, method=cfg.method, batchnorm=cfg.batchnorm,

@@ -1,0 +1,113 @@
+"""Run ``splitgrow compare`` on the benchmark settings and write a result table per setting.
+
+    .venv/bin/python benchmarks/compare.py mnist1d-mlp            # one setting
+    .venv/bin/python benchmarks/compare.py all                    # every offline setting
+    .venv/bin/python benchmarks/compare.py cifar10-mobilenet --data-dir ~/data/cifar10
+    .venv/bin/python benchmarks/compare.py digits-mlp --quick     # a smoke run (minutes)
+
+Each setting writes its run directory under ``runs/bench-<setting>`` and its table, with the
+command and the machine, to ``benchmarks/results/compare_<setting>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from splitgrow.compare import CompareConfig, run_compare
+
+#: name → CompareConfig fields. Budgets follow ../shared/anchors (MNIST-1D MLP ≤ 6000 parameters,
+#: 150 epochs; 1-D CNN ≤ 8000, 100 epochs, growth 4 → ~22 over 5 rounds).
+SETTINGS: dict[str, dict[str, Any]] = {
+    "digits-mlp": {
+        "dataset": "digits", "model": "mlp", "widths": [4, 4], "budget_params": 3000,
+        "epochs": 60, "rounds": 6, "epochs_per_round": 6,
+    },
+    "digits-cnn": {
+        "dataset": "digits", "model": "cnn", "widths": [4, 4, 4, 4], "budget_params": 4000,
+        "epochs": 40, "rounds": 5, "epochs_per_round": 5, "nas_trials": 6,
+    },
+    "mnist1d-mlp": {
+        "dataset": "mnist1d", "model": "mlp", "widths": [8, 8], "budget_params": 6000,
+        "epochs": 150, "rounds": 5, "epochs_per_round": 5,
+    },
+    "mnist1d-cnn1d": {
+        "dataset": "mnist1d", "model": "cnn1d", "widths": [4, 4, 4, 4], "budget_params": 8000,
+        "epochs": 100, "rounds": 5, "epochs_per_round": 8, "nas_trials": 6,
+    },
+    "cifar10-mobilenet": {
+        "dataset": "cifar10", "model": "mobilenetv1", "widths": [8, 8, 8, 8, 8, 8, 8],
+        "budget_params": 60000, "epochs": 30, "rounds": 5, "epochs_per_round": 4,
+        "nas_trials": 4, "tune_trials": 2,
+    },
+}  # fmt: skip
+OFFLINE = ["digits-mlp", "digits-cnn", "mnist1d-mlp", "mnist1d-cnn1d"]
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), Python {platform.python_version()}"
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("setting", choices=[*SETTINGS, "all"])
+    p.add_argument("--data-dir", default=None, help="CIFAR-10 folder (python-pickle layout)")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="a smoke run: few epochs, one seed")
+    p.add_argument("--rounds", type=int, default=None, help="override the setting's rounds")
+    p.add_argument("--epochs-per-round", type=int, default=None, help="override it too")
+    p.add_argument("--tag", default="", help="suffix of the result file and run directory")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    names = OFFLINE if args.setting == "all" else [args.setting]
+    for name in names:
+        fields = dict(SETTINGS[name])
+        if name.startswith("cifar"):
+            if args.data_dir is None:
+                sys.exit("cifar10-mobilenet needs --data-dir")
+            fields["data_dir"] = args.data_dir
+        fields["seeds"] = args.seeds
+        for key in ("rounds", "epochs_per_round"):
+            if getattr(args, key) is not None:
+                fields[key] = getattr(args, key)
+        if args.quick:
+            fields.update(seeds=1, epochs=6, rounds=2, epochs_per_round=2, tune_trials=1,
+                          nas_trials=2)  # fmt: skip
+        cfg = CompareConfig(device=args.device, **fields)
+        suffix = ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
+        out = Path("runs") / f"bench-{name}{suffix}"
+        start = time.time()
+        run_compare(cfg, out, progress=True)
+        minutes = (time.time() - start) / 60
+        table = (out / "table.md").read_text()
+        command = " ".join(["python", "benchmarks/compare.py", *sys.argv[1:]])
+        report = (
+            f"# compare: {name}\n\n"
+            f"Command: `{command}` ({minutes:.0f} min, {time.strftime('%Y-%m-%d')})\n\n"
+            f"Machine: {machine()}\n\n{table}"
+        )
+        target = Path("benchmarks/results") / f"compare_{name}{suffix}.md"
+        target.write_text(report)
+        print(report)
+
+
+if __name__ == "__main__":
+    main()
