@@ -150,3 +150,16 @@ def test_fresh_neurons_start_without_optimizer_history(digits: data.Dataset) -> 
     cols = carried.state[params["3.weight"]]["momentum_buffer"]
     assert torch.count_nonzero(rows[4:]) == 0 and torch.count_nonzero(cols[:, 4:]) == 0
     assert torch.equal(rows[:4], opt.state[model[1].weight]["momentum_buffer"])
+
+
+def test_per_layer_selection_takes_each_layers_most_unstable_first(digits: data.Dataset) -> None:
+    torch.manual_seed(0)
+    model = Architecture("mlp", [4, 4], "tanh", [8, 8], 10).build()
+    # at most ceil(0.25 · 8) = 2 splits: per layer, each layer's most negative λ scores −1
+    cfg = GrowConfig(rounds=1, epochs_per_round=1, grow_ratio=0.25, selection="per-layer")
+    res = grow(model, digits.train.batches(128)[:3], loss_fn=F.cross_entropy, config=cfg)
+    lam = res.history[0]["lambda_min"]
+    assert all(v["negative"] > 0 for v in lam.values())
+    assert res.history[0]["split"] == {"1": 1, "3": 1}
+    with pytest.raises(ValueError, match="selection must be one of"):
+        GrowConfig(selection="random")

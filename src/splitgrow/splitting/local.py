@@ -296,16 +296,20 @@ class GeneralProblem(LocalProblem):
         return torch.stack([self._column(v[:, :, j]) for j in range(v.shape[2])], dim=2)
 
 
+def _times(base: Tensor, scale: Tensor) -> Tensor:
+    """``base · scale`` (broadcast) into a new contiguous tensor. A plain product of an expanded
+    base takes the operands' stride order, and the reshape that follows would copy it again."""
+    out = torch.empty(
+        torch.broadcast_shapes(base.shape, scale.shape), dtype=base.dtype, device=base.device
+    )
+    return torch.mul(base, scale, out=out)
+
+
 def _to_bnp(t: Tensor, layout: Layout, n: int) -> Tensor:
     """A chain tensor ``(B, …)`` in layout ``layout`` as ``(B, n, P)`` (channel-major blocks)."""
     if layout.cdim == -1 and t.dim() > 2:
         t = t.movedim(-1, 1)
     return t.reshape(t.shape[0], n, -1)
-
-
-def _per_neuron(t: Tensor, layout: Layout, n: int) -> Tensor:
-    """A chain tensor ``(B, …)`` as ``(n, B·P)``: each neuron's values at every sample, position."""
-    return _to_bnp(t, layout, n).transpose(0, 1).reshape(n, -1)
 
 
 class ChainProblem(LocalProblem):
@@ -372,7 +376,7 @@ class ChainProblem(LocalProblem):
                 primal[node] = value
                 tangent[node] = (base, slope if scale is None else scale * slope)
                 continue
-            full = [b if sc is None else b * sc for b, sc in (tangent[a] for a in chain_in)]
+            full = [b if sc is None else _times(b, sc) for b, sc in (tangent[a] for a in chain_in)]
             primal[node], pushed = self._linear(node, chain_in, primal, full)
             tangent[node] = (pushed, None)
         us = [primal[a] for a in self.inputs]
@@ -464,12 +468,15 @@ class ChainProblem(LocalProblem):
             ):
                 if scale is not None:  # J = base·scale: fold scale² into the weights
                     wu = wu * scale.square()
-                w = _per_neuron(wu, layout, self.n)
+                w = _to_bnp(wu, layout, self.n)  # (B, n, P)
                 if layout.cdim == -1 and ut.dim() > 3:
                     ut = ut.movedim(-1, 2)  # (d, B, …, n) → (d, B, n, …)
-                j = ut.reshape(self.d, ut.shape[1], self.n, -1).permute(2, 0, 1, 3)
-                j = j.reshape(self.n, self.d, -1)  # (n, d, B·P)
-                out += (j * w[:, None, :]) @ j.transpose(1, 2)
+                # (B, n, d, P) as a view: every (d, P) matrix has unit stride along P, so the
+                # batched product below runs without copying the tangents into another layout
+                j = ut.reshape(self.d, ut.shape[1], self.n, -1).permute(1, 2, 0, 3)
+                jw = torch.empty_like(j)
+                torch.mul(j, w[:, :, None, :], out=jw)
+                out += torch.matmul(jw, j.transpose(2, 3)).sum(0)
         return out
 
     def hvp(self, v: Tensor) -> Tensor:

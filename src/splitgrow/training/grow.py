@@ -80,6 +80,10 @@ class GrowConfig:
     surrogate_beta: float | None = 3.0  # softplus β of the ReLU-like surrogate (None: exact)
     eigen_samples: int | None = None  # splitting matrices over this many training samples
     budget_params: int | None = None  # never grow beyond this many parameters
+    # which λ_min compete: "global" (raw values across layers, the published rule) or
+    # "per-layer" (each layer's values divided by its most negative one, so layers whose
+    # curvature is on a smaller scale are not starved)
+    selection: str = "global"
     # grow geometrically to budget_params by the last round: round r (of R) adds at most
     # P₀·(B/P₀)^((r+1)/R) − P parameters (P₀: the starting size), so growth spreads over the rounds
     reach_budget: bool = False
@@ -112,6 +116,7 @@ class GrowConfig:
             "eps_mode": EPS_MODES,
             "carry": CARRY_MODES,
             "directions": DIRECTIONS,
+            "selection": ("global", "per-layer"),
             "batchnorm": ("running", "batch"),
         }
         for name, allowed in choices.items():
@@ -573,9 +578,12 @@ def _split_round(
         start = float(record["start_params"])
         target = start * (cfg.budget_params / start) ** ((record["round"] + 1) / cfg.rounds)
         budget = min(budget, max(0, int(target) - params))
+    values = {k: e.values for k, e in eig.items()}
+    if cfg.selection == "per-layer":  # each layer's λ in units of its own most negative one
+        values = {k: v / v.min().abs().clamp_min(1e-30) for k, v in values.items()}
     chosen = s2d_select(
-        {k: e.values for k, e in eig.items()}, widths, ratio=cfg.grow_ratio,
-        max_widths=cfg.max_widths, costs=costs, budget=budget,
+        values, widths, ratio=cfg.grow_ratio, max_widths=cfg.max_widths, costs=costs,
+        budget=budget,
     )  # fmt: skip
     if budget is not None:  # a layer split with its consumer adds k·k' cross weights: trim
         while chosen and _added(chosen, structure, modules, costs) > budget:
