@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import torch
+from _runs import strip_seconds
 
 from splitgrow.cli import main
 
@@ -42,20 +43,12 @@ def _cli(*argv: str, kill_at: str | None = None) -> subprocess.CompletedProcess[
     )  # fmt: skip
 
 
-def _strip(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _strip(v) for k, v in obj.items() if k != "seconds"}
-    if isinstance(obj, list):
-        return [_strip(v) for v in obj]
-    return obj
-
-
 def _assert_same_run(ref: Path, got: Path) -> None:
-    assert _strip(json.loads((got / "results.json").read_text())) == _strip(
+    assert strip_seconds(json.loads((got / "results.json").read_text())) == strip_seconds(
         json.loads((ref / "results.json").read_text())
     )
     logs = [
-        [_strip(json.loads(line)) for line in (d / "log.jsonl").read_text().splitlines()]
+        [strip_seconds(json.loads(line)) for line in (d / "log.jsonl").read_text().splitlines()]
         for d in (ref, got)
     ]
     assert logs[0] == logs[1]
@@ -107,7 +100,7 @@ def test_killed_twice_then_resumed(reference: Path, tmp_path: Path) -> None:
     # resuming a finished run changes nothing
     before = json.loads((out / "results.json").read_text())
     assert main(["grow", "--resume", str(out)]) == 0
-    assert _strip(json.loads((out / "results.json").read_text())) == _strip(before)
+    assert strip_seconds(json.loads((out / "results.json").read_text())) == strip_seconds(before)
 
 
 def test_killed_from_outside_while_growing(reference: Path, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from _runs import strip_seconds
 from torch import nn
 
 from splitgrow import data
@@ -44,15 +45,6 @@ class DropoutNet(nn.Module):
 def _build() -> nn.Module:
     torch.manual_seed(3)
     return DropoutNet()
-
-
-def _strip(obj: Any) -> Any:
-    """Drop wall times (the only thing a resumed run may not reproduce)."""
-    if isinstance(obj, dict):
-        return {k: _strip(v) for k, v in obj.items() if k != "seconds"}
-    if isinstance(obj, list):
-        return [_strip(v) for v in obj]
-    return obj
 
 
 def _through_disk(state: GrowState) -> GrowState:
@@ -98,7 +90,7 @@ def test_resume_from_every_checkpoint_is_bit_for_bit(digits: data.Dataset, optim
         )  # fmt: skip
         where = f"resumed at round {state.round}, phase {state.phase}"
         assert _same_model(res.model, ref.model), where
-        assert _strip(res.history) == _strip(ref.history), where
+        assert strip_seconds(res.history) == strip_seconds(ref.history), where
         assert res.stopped == ref.stopped
         # rounds finished before the checkpoint are not announced again
         assert announced == [r for r in (0, 1, 2) if r >= state.round and not state.stopped]

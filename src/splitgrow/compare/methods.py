@@ -189,22 +189,7 @@ def _trained(model: nn.Module, s: Setting, lr: float, seed: int, tag: str) -> Ou
 
 def uniform_widths(arch: Architecture, budget: int) -> list[int]:
     """The starting widths × one multiplier, the largest whose model fits ``budget``."""
-
-    def widths(m: float) -> list[int]:
-        return [max(1, int(m * w)) for w in arch.widths]
-
-    def size(m: float) -> int:
-        return parameter_count(arch.with_widths(widths(m)).build())
-
-    if size(0.0) > budget:
-        raise ValueError(f"budget {budget} is below the smallest model of this shape")
-    lo, hi = 0.0, 1.0
-    while size(hi) <= budget:
-        lo, hi = hi, hi * 2
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if size(mid) <= budget else (lo, mid)
-    return widths(lo)
+    return fit_shares(arch, [float(w) for w in arch.widths], budget)
 
 
 def uniform(s: Setting, lr: float, seed: int, ref: Outcome | None) -> Outcome:
