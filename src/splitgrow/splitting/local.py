@@ -232,6 +232,26 @@ class ZeroProblem(LocalProblem):
         return torch.zeros_like(v)
 
 
+def weighted_grams(x: Tensor, w: Tensor) -> Tensor:
+    """S_i = Σ_p w_{i,p} x_p x_pᵀ for every i: ``x`` ``(M, d)``, ``w`` ``(n, M)`` → ``(n, d, d)``.
+
+    One matrix product per chunk of rows, W ``(n, M)`` @ [x_p ⊗ x_p on the upper triangle]
+    ``(M, d(d+1)/2)``, then mirrored: the x_p are shared by all neurons, so nothing is repeated
+    n times, and the product is one large GEMM rather than n small ones.
+    """
+    n, d = w.shape[0], x.shape[1]
+    iu = torch.triu_indices(d, d, device=x.device)
+    tri = x.new_zeros(n, iu.shape[1])
+    step = max(1, _CHUNK_ELEMENTS // max(1, iu.shape[1]))
+    for s in range(0, x.shape[0], step):
+        rows = x[s : s + step]
+        tri += w[:, s : s + step] @ (rows[:, iu[0]] * rows[:, iu[1]])
+    out = x.new_zeros(n, d, d)
+    out[:, iu[0], iu[1]] = tri
+    out[:, iu[1], iu[0]] = tri
+    return out
+
+
 class ClosedFormProblem(LocalProblem):
     """S_i = Σ_p w_{i,p} x̃_p x̃_pᵀ with x̃ ``(B·P, d)`` patches and w ``(n, B·P)`` weights."""
 
@@ -240,13 +260,7 @@ class ClosedFormProblem(LocalProblem):
         self.n, self.d = like.shape
 
     def matrices(self) -> Tensor:
-        x, w = self.x, self.w
-        out = x.new_empty(self.n, self.d, self.d)
-        step = max(1, _CHUNK_ELEMENTS // max(1, x.numel()))
-        for s in range(0, self.n, step):
-            weighted = w[s : s + step, :, None] * x  # (k, B·P, d)
-            out[s : s + step] = weighted.transpose(1, 2) @ x
-        return out
+        return weighted_grams(self.x, self.w)
 
     def hvp(self, v: Tensor) -> Tensor:
         n, d, m = v.shape
@@ -440,10 +454,8 @@ class ChainProblem(LocalProblem):
             for (node, _, grad), u in zip(self.acts, us, strict=True)
         ]
 
-    def _basis_tangents(self, x: Tensor, y: Tensor) -> Tensor:
+    def _basis_tangents(self, x: Tensor, y: Tensor, patches: Tensor | None) -> Tensor:
         """∂y/∂θ_{·,j} for every basis direction j, all neurons at once: ``(d, *y.shape)``."""
-        handler = neurons.handler(self.module)
-        patches = handler.patches(self.module, x)  # (B, P, d)
         if patches is None:
             eye = torch.eye(self.d, dtype=y.dtype, device=y.device)
             basis = eye[:, None, :].expand(self.d, self.n, self.d)
@@ -461,7 +473,9 @@ class ChainProblem(LocalProblem):
         for s in range(0, self.y.shape[0], step):
             rows = slice(s, s + step)
             x, y = self.x[rows], self.y[rows]
-            us, tangents = self._push(y, self._basis_tangents(x, y))
+            patches = neurons.handler(self.module).patches(self.module, x)  # (B, P, d)
+            basis = self._basis_tangents(x, y, patches)
+            us, tangents = self._push(y, basis)
             layouts = [layout for _, layout, _ in self.acts]
             for layout, wu, (ut, scale) in zip(
                 layouts, self._weights(us, rows), tangents, strict=True
@@ -469,6 +483,12 @@ class ChainProblem(LocalProblem):
                 if scale is not None:  # J = base·scale: fold scale² into the weights
                     wu = wu * scale.square()
                 w = _to_bnp(wu, layout, self.n)  # (B, n, P)
+                if ut is basis and patches is not None:
+                    # no step that mixes positions before this activation: J_i = x̃·scale_i,
+                    # the closed form's Σ w x̃ x̃ᵀ, with x̃ shared by all neurons
+                    flat = w.permute(1, 0, 2).reshape(self.n, -1)  # (n, B·P)
+                    out += weighted_grams(patches.reshape(-1, self.d), flat)
+                    continue
                 if layout.cdim == -1 and ut.dim() > 3:
                     ut = ut.movedim(-1, 2)  # (d, B, …, n) → (d, B, n, …)
                 # (B, n, d, P) as a view: every (d, P) matrix has unit stride along P, so the
