@@ -235,21 +235,17 @@ class ZeroProblem(LocalProblem):
 def weighted_grams(x: Tensor, w: Tensor) -> Tensor:
     """S_i = Σ_p w_{i,p} x_p x_pᵀ for every i: ``x`` ``(M, d)``, ``w`` ``(n, M)`` → ``(n, d, d)``.
 
-    One matrix product per chunk of rows, W ``(n, M)`` @ [x_p ⊗ x_p on the upper triangle]
-    ``(M, d(d+1)/2)``, then mirrored: the x_p are shared by all neurons, so nothing is repeated
-    n times, and the product is one large GEMM rather than n small ones.
+    One matrix product per chunk of rows, W ``(n, M)`` @ [x_p ⊗ x_p] ``(M, d²)``: the x_p are
+    shared by all neurons, so nothing is repeated n times, and the product is one large GEMM
+    rather than n small ones (faster here than gathering the upper triangle to halve it).
     """
     n, d = w.shape[0], x.shape[1]
-    iu = torch.triu_indices(d, d, device=x.device)
-    tri = x.new_zeros(n, iu.shape[1])
-    step = max(1, _CHUNK_ELEMENTS // max(1, iu.shape[1]))
+    out = x.new_zeros(n, d * d)
+    step = max(1, _CHUNK_ELEMENTS // max(1, d * d))
     for s in range(0, x.shape[0], step):
         rows = x[s : s + step]
-        tri += w[:, s : s + step] @ (rows[:, iu[0]] * rows[:, iu[1]])
-    out = x.new_zeros(n, d, d)
-    out[:, iu[0], iu[1]] = tri
-    out[:, iu[1], iu[0]] = tri
-    return out
+        out += w[:, s : s + step] @ (rows[:, :, None] * rows[:, None, :]).reshape(-1, d * d)
+    return out.view(n, d, d)
 
 
 class ClosedFormProblem(LocalProblem):
