@@ -163,3 +163,33 @@ def test_per_layer_selection_takes_each_layers_most_unstable_first(digits: data.
     assert res.history[0]["split"] == {"1": 1, "3": 1}
     with pytest.raises(ValueError, match="selection must be one of"):
         GrowConfig(selection="random")
+
+
+def test_budget_trim_ranks_by_the_selection_in_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With per-layer selection, the neurons dropped to fit the budget are the ones that
+    selection ranks last, not the ones with the largest raw λ."""
+    import importlib
+    import types
+
+    G = importlib.import_module("splitgrow.training.grow")  # the module, not the function
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 2))
+    values = {
+        "0": torch.tensor([-100.0, -50, 1, 1, 1, 1], dtype=torch.float64),
+        "2": torch.tensor([-0.01, -0.0099, -0.0098, -0.0097, 1, 1], dtype=torch.float64),
+    }
+    fake = {
+        k: types.SimpleNamespace(values=v, vectors=torch.randn(6, 5 if k == "0" else 7,
+                                                               dtype=torch.float64))
+        for k, v in values.items()
+    }  # fmt: skip
+    monkeypatch.setattr(G, "splitting_eigen", lambda *a, **k: fake)
+    params = sum(p.numel() for p in model.parameters())
+    batch = [(torch.randn(8, 4), torch.randint(0, 2, (8,)))]
+    cfg = GrowConfig(rounds=2, selection="per-layer", grow_ratio=0.5, eps_mode="fixed",
+                     budget_params=params + 60)  # fmt: skip
+    record = {"round": 0, "params": params, "flops": 0, "start_params": params}
+    G._split_round(model, cfg, F.cross_entropy, batch, record, torch.Generator().manual_seed(0))
+    # per-layer scores: layer 0 [-1, -0.5], layer 2 [-1, -0.99, -0.98, -0.97]: 0's second goes
+    assert record["split"] == {"0": 1, "2": 4}

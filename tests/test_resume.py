@@ -226,3 +226,8 @@ def test_tampered_progress_is_refused(digits: data.Dataset) -> None:
     refused(r"round 7 is outside \[0, 1\]", round=7)
     refused("the history does not hold rounds", history=[1])
     refused("phase's progress is malformed", phase={**good.phase.to_json(), "batch": -1})
+    refused("phase's progress is malformed", phase={**good.phase.to_json(), "batch": 999})
+    refused("phase's progress is malformed", phase={**good.phase.to_json(), "stopped": "bogus"})
+    refused("phase's progress is malformed", phase={**good.phase.to_json(), "non_finite": "x"})
+    refused("epochs done of 1 planned", phase={**good.phase.to_json(), "epoch_losses": [1.0] * 5})
+    refused("round True is outside", round=True)

@@ -310,3 +310,15 @@ def test_batchnorm1d_after_linear_on_3d_inputs_is_refused_on_data() -> None:
     batches = [(torch.randn(3, 4, 5, dtype=torch.float64), torch.zeros(3, dtype=torch.long))]
     with pytest.raises(ValueError, match="layer 'f' gets 3-D inputs, but its BatchNorm1d/PReLU"):
         splitgrow.splitting_eigen(model, loss_fn, batches)
+
+
+@pytest.mark.parametrize("d", [5, 60])
+def test_weighted_grams_both_paths_match_the_definition(d: int) -> None:
+    from splitgrow.splitting.local import GEMM_MAX_D, weighted_grams
+
+    gen = torch.Generator().manual_seed(d)
+    x = torch.randn(300, d, generator=gen, dtype=torch.float64)
+    w = torch.randn(7, 300, generator=gen, dtype=torch.float64)
+    expected = torch.einsum("ip,pa,pb->iab", w, x, x)
+    torch.testing.assert_close(weighted_grams(x, w), expected, rtol=1e-12, atol=1e-12)
+    assert (d <= GEMM_MAX_D) == (d == 5)  # both branches are exercised

@@ -43,7 +43,7 @@ from splitgrow.graph.ops import Layout, StepKind, first_input
 from splitgrow.splitting import neurons
 from splitgrow.splitting.executor import Executor
 
-_CHUNK_ELEMENTS = 1 << 24  # bound on the temporary (k, B·P, d) tensor of the closed form
+_CHUNK_ELEMENTS = 1 << 24  # bound on the elements of each chunk's temporaries (tangents, features)
 
 
 @dataclass(frozen=True)
@@ -232,20 +232,31 @@ class ZeroProblem(LocalProblem):
         return torch.zeros_like(v)
 
 
+GEMM_MAX_D = 48  # up to this d, Σ w x̃x̃ᵀ goes through x̃⊗x̃ features (d² per row) in one GEMM
+
+
 def weighted_grams(x: Tensor, w: Tensor) -> Tensor:
     """S_i = Σ_p w_{i,p} x_p x_pᵀ for every i: ``x`` ``(M, d)``, ``w`` ``(n, M)`` → ``(n, d, d)``.
 
-    One matrix product per chunk of rows, W ``(n, M)`` @ [x_p ⊗ x_p] ``(M, d²)``: the x_p are
-    shared by all neurons, so nothing is repeated n times, and the product is one large GEMM
-    rather than n small ones (faster here than gathering the upper triangle to halve it).
+    For small d, one matrix product per chunk of rows, W ``(n, M)`` @ [x_p ⊗ x_p] ``(M, d²)``:
+    the x_p are shared by all neurons, so nothing is repeated n times, and the product is one
+    large GEMM rather than n small ones. For larger d the d² features outgrow that advantage,
+    and the neurons are done in groups, (w_i ⊙ x)ᵀ x.
     """
     n, d = w.shape[0], x.shape[1]
-    out = x.new_zeros(n, d * d)
-    step = max(1, _CHUNK_ELEMENTS // max(1, d * d))
-    for s in range(0, x.shape[0], step):
-        rows = x[s : s + step]
-        out += w[:, s : s + step] @ (rows[:, :, None] * rows[:, None, :]).reshape(-1, d * d)
-    return out.view(n, d, d)
+    if d <= GEMM_MAX_D:
+        out = x.new_zeros(n, d * d)
+        step = max(1, _CHUNK_ELEMENTS // max(1, d * d))
+        for s in range(0, x.shape[0], step):
+            rows = x[s : s + step]
+            out += w[:, s : s + step] @ (rows[:, :, None] * rows[:, None, :]).reshape(-1, d * d)
+        return out.view(n, d, d)
+    grams = x.new_empty(n, d, d)
+    step = max(1, _CHUNK_ELEMENTS // max(1, x.numel()))
+    for s in range(0, n, step):
+        weighted = w[s : s + step, :, None] * x  # (k, M, d)
+        grams[s : s + step] = weighted.transpose(1, 2) @ x
+    return grams
 
 
 class ClosedFormProblem(LocalProblem):
@@ -487,12 +498,18 @@ class ChainProblem(LocalProblem):
                     continue
                 if layout.cdim == -1 and ut.dim() > 3:
                     ut = ut.movedim(-1, 2)  # (d, B, …, n) → (d, B, n, …)
-                # (B, n, d, P) as a view: every (d, P) matrix has unit stride along P, so the
-                # batched product below runs without copying the tangents into another layout
-                j = ut.reshape(self.d, ut.shape[1], self.n, -1).permute(1, 2, 0, 3)
-                jw = torch.empty_like(j)
-                torch.mul(j, w[:, :, None, :], out=jw)
-                out += torch.matmul(jw, j.transpose(2, 3)).sum(0)
+                j = ut.reshape(self.d, ut.shape[1], self.n, -1).permute(1, 2, 0, 3)  # (B, n, d, P)
+                if j.shape[3] >= self.d:
+                    # every (d, P) matrix of this view has unit stride along P: the batched
+                    # product runs without copying the tangents into another layout, and its
+                    # (B, n, d, d) result is no larger than the tangents
+                    jw = torch.empty_like(j)
+                    torch.mul(j, w[:, :, None, :], out=jw)
+                    out += torch.matmul(jw, j.transpose(2, 3)).sum(0)
+                else:  # few positions per sample: contract over samples and positions at once
+                    jn = j.permute(1, 2, 0, 3).reshape(self.n, self.d, -1)  # (n, d, B·P)
+                    wn = w.permute(1, 0, 2).reshape(self.n, 1, -1)
+                    out += (jn * wn) @ jn.transpose(1, 2)
         return out
 
     def hvp(self, v: Tensor) -> Tensor:

@@ -27,8 +27,9 @@ def add_fresh_neurons(
 
     Returns:
         The new model, how every parameter grew (for
-        :func:`~splitgrow.surgery.optimizer.carry_state`: a new neuron's optimizer state is
-        that of the neuron whose slot it was cut from) and ``{layer: [(that neuron, new)]}``.
+        :func:`~splitgrow.surgery.optimizer.carry_state`, which with ``fresh=True`` starts the
+        new neurons' optimizer state at zero, as ``grow`` does) and
+        ``{layer: [(neuron whose slot it was cut from, new neuron)]}``.
 
     Raises:
         ValueError: an unknown or unsplittable layer, or a count outside ``[0, width]``.

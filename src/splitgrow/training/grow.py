@@ -248,9 +248,9 @@ def _rng_state(device: torch.device) -> dict[str, Any]:
     return state
 
 
-def _check_progress(state: GrowState, cfg: GrowConfig) -> None:
-    """The counters of a checkpoint must be ones this config can reach."""
-    if not 0 <= state.round <= cfg.rounds:
+def _check_progress(state: GrowState, cfg: GrowConfig, batches_per_epoch: int) -> None:
+    """The counters of a checkpoint must be ones this config and data can reach."""
+    if isinstance(state.round, bool) or not 0 <= state.round <= cfg.rounds:
         raise ValueError(f"resume: round {state.round} is outside [0, {cfg.rounds}]")
     done = state.round + (1 if state.stopped else 0)
     if len(state.history) != done or not all(
@@ -269,9 +269,20 @@ def _check_progress(state: GrowState, cfg: GrowConfig) -> None:
         and all(isinstance(v, (int, float)) for v in [*ph.epoch_losses, ph.loss_sum, ph.best])
         and isinstance(ph.base_lrs, list)
         and all(isinstance(v, (int, float)) for v in ph.base_lrs)
-        and isinstance(ph.stopped, str)
+        and ph.stopped in ("", "epochs", "plateau")
+        and ph.non_finite is None
+        and ph.batch <= batches_per_epoch
     ):
         raise ValueError("resume: the training phase's progress is malformed")
+    planned = [
+        cfg.final_epochs if r == cfg.rounds and cfg.final_epochs else cfg.epochs_per_round
+        for r in range(cfg.rounds + 1)
+    ]
+    epochs = sum(planned[state.round :]) if state.ended else planned[state.round]
+    if len(ph.epoch_losses) > epochs:
+        raise ValueError(
+            f"resume: the phase has {len(ph.epoch_losses)} epochs done of {epochs} planned"
+        )
 
 
 def _check_pairs(pairs: Any, model: nn.Module) -> None:
@@ -402,7 +413,7 @@ def grow(
     if resume is not None:
         if resume.config != cfg.to_json():
             raise ValueError("resume: the checkpoint was made with another config")
-        _check_progress(resume, cfg)
+        _check_progress(resume, cfg, math.ceil(len(split) / cfg.batch_size))
         try:
             model = _replay(model, resume.plans)
         except (ValueError, TypeError) as exc:
@@ -589,7 +600,7 @@ def _split_round(
         while chosen and _added(chosen, structure, modules, costs) > budget:
             layer, i = max(
                 ((k, i) for k, idx in chosen.items() for i in range(idx.numel())),
-                key=lambda t: float(eig[t[0]].values[chosen[t[0]][t[1]]]),
+                key=lambda t: float(values[t[0]][chosen[t[0]][t[1]]]),  # as selected
             )
             keep = torch.ones(chosen[layer].numel(), dtype=torch.bool)
             keep[i] = False
