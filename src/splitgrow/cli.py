@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from splitgrow import data as datasets
+from splitgrow._attrs import first_line
 from splitgrow.compare import METHODS, CompareConfig, check_setting, run_compare
 from splitgrow.graph import analyze
 from splitgrow.metrics import flops, parameter_count
@@ -497,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
     except (UsageError, ValueError, TypeError, OSError) as exc:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = first_line(exc)
         print(
             text if text.startswith("splitgrow") else f"splitgrow: error: {text}", file=sys.stderr
         )

@@ -6,6 +6,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from splitgrow._attrs import eval_mode
+
 
 def parameter_count(model: nn.Module) -> int:
     """Number of trainable and frozen parameters."""
@@ -15,12 +17,6 @@ def parameter_count(model: nn.Module) -> int:
 def flops(model: nn.Module, example: Tensor) -> int:
     """Floating-point operations of one forward pass on one sample (batch of 1), as counted by
     ``torch.utils.flop_counter`` (a multiply-add counts 2). The model's mode is restored."""
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(example[:1])
-        return int(counter.get_total_flops())
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
+    with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(example[:1])
+    return int(counter.get_total_flops())

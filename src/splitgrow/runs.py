@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from splitgrow import faults
+from splitgrow._attrs import first_line
 from splitgrow.models import Architecture
 from splitgrow.training.grow import GrowState
 
@@ -192,8 +193,7 @@ def _safe_load(path: Path) -> Any:
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError …
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"checkpoint {path} cannot be read safely: {first}") from exc
+        raise ValueError(f"checkpoint {path} cannot be read safely: {first_line(exc)}") from exc
 
 
 def load_model(checkpoint: str | Path) -> tuple[nn.Module, Architecture]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from torch import fx, nn
 
-from splitgrow._attrs import optional_tensor, tensor
+from splitgrow._attrs import eval_mode, optional_tensor, tensor
 from splitgrow.graph.ops import (
     Blocked,
     Layout,
@@ -117,18 +117,14 @@ def trace(model: nn.Module) -> fx.GraphModule:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    flags = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        return fx.symbolic_trace(model)
+        with eval_mode(model):
+            return fx.symbolic_trace(model)
     except Exception as exc:  # fx raises many kinds of errors for untraceable code
         raise ValueError(
             f"cannot trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc}); "
             "forward() must be symbolically traceable (no control flow on tensor values)"
         ) from exc
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
 
 
 def _neuron_dims(module: nn.Module) -> tuple[int, int, bool]:

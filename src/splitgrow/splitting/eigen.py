@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, fx, nn
 from tqdm.auto import tqdm
 
+from splitgrow._attrs import eval_mode
 from splitgrow.graph.analyze import ModelStructure, analyze
 from splitgrow.splitting.activations import DEFAULT_SURROGATE_BETA, describe_surrogate
 from splitgrow.splitting.executor import BATCHNORM_MODES, Executor
@@ -93,21 +94,6 @@ def _prepare_batch(
     if isinstance(target, Tensor):
         target = target.to(device)
     return inputs, target, size
-
-
-class _ModelState:
-    """Puts the model in eval mode and restores every module's flag afterwards."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.flags = {m: m.training for m in model.modules()}
-
-    def __enter__(self) -> None:
-        self.model.eval()
-
-    def __exit__(self, *exc: object) -> None:
-        for m, flag in self.flags.items():
-            m.training = flag
 
 
 def splitting_eigen(
@@ -208,7 +194,7 @@ def splitting_eigen(
         for name, r in recipes.items()
         if chosen[name] == "fast"
     }
-    with _ModelState(model):
+    with eval_mode(model):
         exact_names = [k for k, v in chosen.items() if v == "exact"]
         matrices, samples = _data_pass(
             executor, recipes, loss_fn, data, device, exact_names, solvers, dtype, progress

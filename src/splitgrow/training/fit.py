@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from splitgrow import faults
+from splitgrow._attrs import eval_mode, first_line
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 OPTIMIZERS = ("sgd", "adam")
@@ -77,17 +78,13 @@ def check_data(
                 f"{name} batch {i}: class targets must be a 1-D integer tensor, "
                 f"got {y.dtype} of shape {tuple(y.shape)}"
             )
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             out = model(batches[0][0][:1])
     except Exception as exc:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{name}: samples of shape {shape} do not fit the model: {text}") from exc
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
+        raise ValueError(
+            f"{name}: samples of shape {shape} do not fit the model: {first_line(exc)}"
+        ) from exc
     if task == "classification":
         classes = out.shape[-1]
         for i, (_, y) in enumerate(batches):
@@ -104,19 +101,14 @@ def evaluate(
 ) -> dict[str, float]:
     """Mean loss (weighted by batch size) and, for classification, accuracy. Eval mode inside;
     the model's flags are restored."""
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
     total = loss_sum = correct = 0.0
-    try:
+    with eval_mode(model):
         for x, y in batches:
             out = model(x)
             loss_sum += float(loss_fn(out, y)) * len(y)
             if task == "classification":
                 correct += float((out.argmax(1) == y).sum())
             total += len(y)
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
     if total == 0:
         raise ValueError("evaluate: no samples")
     result = {"loss": loss_sum / total}
