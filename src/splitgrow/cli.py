@@ -440,9 +440,9 @@ def _compare(args: argparse.Namespace) -> int:
         nas_trials=args.nas_trials, prune_wide=args.prune_wide,
         data_dir=None if args.data_dir is None else str(args.data_dir), device=args.device,
     )  # fmt: skip
-    check_setting(config)  # data, model and budget, before the run directory is made
+    setting = check_setting(config)  # data, model and budget, before the run directory is made
     run = _run_dir(args)
-    run_compare(config, run.path, progress=True)
+    run_compare(config, run.path, progress=True, setting=setting)
     print((run.path / "table.md").read_text())
     print(f"run directory: {run.path}")
     return 0

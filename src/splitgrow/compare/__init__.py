@@ -134,10 +134,12 @@ def make_setting(cfg: CompareConfig) -> Setting:
     )  # fmt: skip
 
 
-def check_setting(cfg: CompareConfig) -> None:
-    """Raise ``ValueError`` now for what would fail later: the data, the model, the budget."""
+def check_setting(cfg: CompareConfig) -> Setting:
+    """The comparison's setting, raising ``ValueError`` now for what would fail later: the
+    data, the model, the budget."""
     s = make_setting(cfg)
     uniform_widths(s.arch, s.budget)
+    return s
 
 
 def _order(methods: Sequence[str]) -> list[str]:
@@ -175,10 +177,11 @@ def _record(
 
 def run_compare(
     cfg: CompareConfig, out: str | Path, *, progress: bool = False,
-    on_record: Callable[[dict[str, Any]], Any] | None = None,
+    on_record: Callable[[dict[str, Any]], Any] | None = None, setting: Setting | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """Run the comparison into the run directory ``out``; returns the records."""
-    s = make_setting(cfg)
+    """Run the comparison into the run directory ``out``; returns the records. ``setting``:
+    the one :func:`check_setting` made for ``cfg`` (else it is made here)."""
+    s = setting or make_setting(cfg)
     run = RunDir(out)
     run.write_json("config.json", asdict(cfg))
     order = _order(cfg.methods)
