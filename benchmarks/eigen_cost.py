@@ -7,6 +7,10 @@ largest |λ| of the exact value. Peak memory: the largest resident-set growth du
 
     .venv/bin/python benchmarks/eigen_cost.py              # MobileNet-style, width 32, N = 512
     .venv/bin/python benchmarks/eigen_cost.py --width 8 --samples 64 --repeats 1   # quick
+    .venv/bin/python benchmarks/eigen_cost.py --methods exact --subsets 64,128  # subset estimates
+
+``exact@k`` rows: exact matrices from a random subset of k of the N samples; their R is still
+against one training epoch over all N, and their agreement against exact over all N.
 """
 
 from __future__ import annotations
@@ -74,6 +78,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--methods", default="exact,fast,auto")
+    p.add_argument(
+        "--subsets", default="", help="also exact on random subsets of these sizes, e.g. 64,128"
+    )
     args = p.parse_args()
 
     torch.manual_seed(0)
@@ -97,11 +104,20 @@ def main() -> None:
         epoch()
     model.eval()
     methods = args.methods.split(",")
+    subsets = [int(k) for k in args.subsets.split(",") if k]
+    for k in subsets:
+        methods.append(f"exact@{k}")
+    order = torch.randperm(args.samples, generator=torch.Generator().manual_seed(1))
     results: dict[str, dict[str, splitgrow.SplitEigen]] = {}
     times: dict[str, list[float]] = {m: [] for m in ["epoch", *methods]}
 
-    def run(method: str) -> None:
-        results[method] = splitgrow.splitting_eigen(model, F.cross_entropy, batches, method=method)
+    def run(label: str) -> None:
+        method, _, size = label.partition("@")
+        data = batches
+        if size:  # exact on a random subset: R falls, and so may the agreement with all data
+            pick = order[: int(size)]
+            data = [(x[pick], y[pick])]
+        results[label] = splitgrow.splitting_eigen(model, F.cross_entropy, data, method=method)
 
     for _ in range(args.repeats):
         times["epoch"].append(_timed(epoch))
