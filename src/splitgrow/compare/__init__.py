@@ -187,7 +187,7 @@ def run_compare(
     order = _order(cfg.methods)
     grid = cfg.lr_grid[: cfg.tune_trials]
     total = (len(grid) + cfg.seeds) * len(order)
-    bar = tqdm(total=total, desc="compare", disable=not progress)
+    bar = tqdm(total=total, desc="compare", disable=None if progress else True)
     skipped: dict[str, str] = {}
 
     def attempt(

@@ -136,7 +136,7 @@ def splitting_eigen(
         block: fast route: vectors per neuron added to the search space per data pass.
         max_passes: fast route: most data passes.
         seed: fast route: seed of the random initial vectors.
-        progress: show a progress bar over the batches.
+        progress: show a progress bar over the batches (on a terminal; not in logs).
 
     Returns:
         ``{layer name: SplitEigen}`` in graph order.
@@ -274,7 +274,9 @@ def _data_pass(
     keep = [k for r in wanted for k in r.keep()]
     sums: dict[str, Tensor] = {}
     total = 0
-    for index, batch in enumerate(tqdm(data, desc="splitting", disable=not progress, leave=False)):
+    for index, batch in enumerate(
+        tqdm(data, desc="splitting", disable=None if progress else True, leave=False)
+    ):
         inputs, target, size = _prepare_batch(batch, index, device)
         # the taps' gradients are first derivatives: the surrogate's curvature is not needed
         with torch.enable_grad(), executor.first_order():

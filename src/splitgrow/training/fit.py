@@ -206,7 +206,11 @@ def train_phase(
         return phase
     model.train()
     bar = tqdm(
-        total=epochs, initial=phase.epoch, desc="training", disable=not progress, leave=False
+        total=epochs,
+        initial=phase.epoch,
+        desc="training",
+        leave=False,
+        disable=None if progress else True,  # None: shown on a terminal only
     )
     try:
         while phase.epoch < epochs:

@@ -89,7 +89,7 @@ class GrowConfig:
     reach_budget: bool = False
     budget_flops: int | None = None  # stop growing once a forward pass costs this many FLOPs
     seed: int = 0  # data order, line-search batch and the fast solver's start
-    progress: bool = False  # tqdm progress bars
+    progress: bool = False  # tqdm progress bars (shown on a terminal only)
 
     def __post_init__(self) -> None:
         def positive_int(name: str, value: Any, allow_zero: bool = False) -> None:
