@@ -127,7 +127,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--final-epochs", type=_positive_int, default=None)
     g.add_argument("--plateau", type=_positive_float, default=None)
     g.add_argument("--carry", default="copy", choices=["copy", "reset"])
-    g.add_argument("--directions", default="eigen", choices=["eigen", "random"])
+    g.add_argument("--directions", default="eigen", choices=["eigen", "random", "net2net", "fresh"])
+    g.add_argument("--selection", default="global", choices=["global", "per-layer"])
     g.add_argument("--eigen-samples", type=_positive_int, default=None)
     g.add_argument("--budget-params", type=_positive_int, default=None)
     g.add_argument("--budget-flops", type=_positive_int, default=None)
@@ -302,6 +303,7 @@ def _grow(args: argparse.Namespace, argv: Sequence[str]) -> int:
         plateau=args.plateau,
         carry=args.carry,
         directions=args.directions,
+        selection=args.selection,
         eigen_samples=args.eigen_samples,
         batch_size=args.batch_size,
         max_widths=dict(args.max_widths or []),
