@@ -248,6 +248,16 @@ def _rng_state(device: torch.device) -> dict[str, Any]:
     return state
 
 
+def _phase_epochs(cfg: GrowConfig, rnd: int, ended: bool) -> int:
+    """Epochs of round ``rnd``'s training phase; after growth ended early, one last phase
+    trains for all the epochs left in the schedule."""
+
+    def planned(r: int) -> int:
+        return cfg.final_epochs if r == cfg.rounds and cfg.final_epochs else cfg.epochs_per_round
+
+    return sum(planned(r) for r in range(rnd, cfg.rounds + 1)) if ended else planned(rnd)
+
+
 def _check_progress(state: GrowState, cfg: GrowConfig, batches_per_epoch: int) -> None:
     """The counters of a checkpoint must be ones this config and data can reach."""
     if isinstance(state.round, bool) or not 0 <= state.round <= cfg.rounds:
@@ -274,11 +284,7 @@ def _check_progress(state: GrowState, cfg: GrowConfig, batches_per_epoch: int) -
         and ph.batch <= batches_per_epoch
     ):
         raise ValueError("resume: the training phase's progress is malformed")
-    planned = [
-        cfg.final_epochs if r == cfg.rounds and cfg.final_epochs else cfg.epochs_per_round
-        for r in range(cfg.rounds + 1)
-    ]
-    epochs = sum(planned[state.round :]) if state.ended else planned[state.round]
+    epochs = _phase_epochs(cfg, state.round, bool(state.ended))
     if len(ph.epoch_losses) > epochs:
         raise ValueError(
             f"resume: the phase has {len(ph.epoch_losses)} epochs done of {epochs} planned"
@@ -460,15 +466,11 @@ def grow(
             )
         )  # fmt: skip
 
-    def planned(r: int) -> int:
-        return cfg.final_epochs if r == cfg.rounds and cfg.final_epochs else cfg.epochs_per_round
-
     stopped = ""
     gen = torch.Generator().manual_seed(_seed(cfg.seed, -2))
     while True:
         last = rnd == cfg.rounds or bool(ended)
-        # after growth ended early, one last phase trains for all the epochs left in the schedule
-        epochs = sum(planned(r) for r in range(rnd, cfg.rounds + 1)) if ended else planned(rnd)
+        epochs = _phase_epochs(cfg, rnd, bool(ended))
         phase = train_phase(
             model, optimizer, batches_of(rnd), loss_fn, epochs=epochs, schedule=cfg.schedule,
             plateau=cfg.plateau, progress=cfg.progress, resume=phase_state,
