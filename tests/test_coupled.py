@@ -392,3 +392,30 @@ def test_torchvision_style_models_trace_compute_and_split(make) -> None:
     grown = splitgrow.split_neurons(model, plan, eps=0.0).eval()
     with torch.no_grad():
         assert torch.allclose(grown(x), model(x), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("model", "widths"), [("resnet", ["4", "3", "4", "3", "4", "3"]), ("densenet", ["4", "3", "3"])]
+)
+def test_cli_grows_residual_and_dense_models_end_to_end(
+    tmp_path, model: str, widths: list[str]
+) -> None:
+    import json
+
+    from splitgrow.cli import main
+    from splitgrow.runs import load_model
+
+    out = tmp_path / model
+    argv = ["grow", "--model", model, "--dataset", "digits", "--widths", *widths,
+            "--rounds", "2", "--epochs-per-round", "1", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    split = [r["split"] for r in results["history"] if r.get("split")]
+    assert split, results["history"]  # at least one round split something
+    assert sum(results["widths"]) > sum(int(w) for w in widths)
+    grown, _ = load_model(out / "model.pt")
+    assert sum(p.numel() for p in grown.parameters()) == results["params"]
+    if model == "resnet":  # a stream unit grew: its projection and blocks' convs together
+        s = splitgrow.analyze(grown)
+        stream = s.layers["blocks.1.shortcut.0"]
+        assert len(stream.members) == 2 and stream.n == results["widths"][2]
