@@ -149,4 +149,9 @@ def grow_all(rank: int, world: int, resume: GrowState | None) -> dict[str, Any]:
     res = grow(model, [(xs, ys)], loss_fn=F.cross_entropy, config=cfg, distributed=True)
     out["bn"] = (sgdist.checksum(res.model), res.history)
     assert math.isfinite(res.history[-1]["train_loss"])
+    try:  # fewer samples than processes: refused on every rank, before any collective call
+        grow(mlp(), [synthetic(1)], loss_fn=F.cross_entropy, config=cfg, distributed=True)
+        out["too_few"] = "no error"
+    except ValueError as exc:
+        out["too_few"] = str(exc)
     return out

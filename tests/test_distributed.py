@@ -25,8 +25,8 @@ from _distributed import CONFIGS, grow_run, spawn
 from _models import REGISTRY, build, loss_fn
 
 import splitgrow
+from splitgrow import cli, splitting_eigen
 from splitgrow import distributed as sgdist
-from splitgrow import splitting_eigen
 
 TOL = 1e-8
 
@@ -55,6 +55,19 @@ def test_distributed_flags_need_a_process_group() -> None:
     with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda'"):
         sgdist.backend_for("tpu")
     assert sgdist.backend_for("cpu") == "gloo"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            sgdist.backend_for("cuda")
+    else:
+        assert sgdist.backend_for("cuda") == "nccl"
+
+
+def test_compare_refuses_torchrun(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["compare", "--budget-params", "1000"]) == 2
+    assert "does not run under torchrun yet" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +169,14 @@ def test_batchnorm_model_stays_identical_on_every_rank(grow_ranks: list[dict[str
     assert sum0 == sum1
     assert history0[0]["split"] and history0[0]["checksums_agree"] is True
     assert [r["params"] for r in history0] == [r["params"] for r in history1]
+
+
+def test_fewer_samples_than_processes_fails_on_every_rank(
+    grow_ranks: list[dict[str, Any]],
+) -> None:
+    assert [r["too_few"] for r in grow_ranks] == [
+        "train_data has 1 samples, fewer than the 2 processes"
+    ] * 2
 
 
 def _free_port() -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -477,6 +478,11 @@ def _check_against_model(model: torch.nn.Module, config: GrowConfig) -> None:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    if sgdist.launched():
+        raise UsageError(
+            "splitgrow compare does not run under torchrun yet (WORLD_SIZE="
+            f"{os.environ['WORLD_SIZE']}); run it as one process"
+        )
     _device(args.device)
     config = CompareConfig(
         dataset=args.dataset, model=args.model, widths=args.widths, activation=args.activation,

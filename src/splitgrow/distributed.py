@@ -67,13 +67,16 @@ def backend_for(device: str) -> str:
     """``"nccl"`` for ``"cuda"``, ``"gloo"`` for ``"cpu"``.
 
     Raises:
-        ValueError: an unknown device kind, or its backend is not built into this torch.
+        ValueError: an unknown device kind, no CUDA device for ``"cuda"``, or the backend is not
+            built into this torch.
     """
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if not dist.is_available():
         raise ValueError("this torch build has no torch.distributed")
     if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available")
         if not dist.is_nccl_available():
             raise ValueError("--device cuda under torchrun needs NCCL, which this torch lacks")
         return "nccl"
