@@ -390,6 +390,12 @@ def _grow_on(args: argparse.Namespace, argv: Sequence[str], device: torch.device
 
     def on_record(record: dict[str, Any], trained: torch.nn.Module) -> None:
         if run is not None:
+            if record.get("checksums_agree") is False:
+                print(
+                    f"splitgrow: warning: after round {record['round']}'s split the processes "
+                    "hold different parameters; DDP continues from rank 0's",
+                    file=sys.stderr,
+                )
             run.log(record)
             run.save_model(trained, arch.with_widths(widths_of(trained)), f"round{record['round']}")
 
