@@ -8,6 +8,7 @@ largest |λ| of the exact value. Peak memory: the largest resident-set growth du
     .venv/bin/python benchmarks/eigen_cost.py              # MobileNet-style, width 32, N = 512
     .venv/bin/python benchmarks/eigen_cost.py --width 8 --samples 64 --repeats 1   # quick
     .venv/bin/python benchmarks/eigen_cost.py --methods exact --subsets 64,128  # subset estimates
+    .venv/bin/python benchmarks/eigen_cost.py --model resnet20 --methods auto,fast  # residual units
 
 ``exact@k`` rows: exact matrices from a random subset of k of the N samples; their R is still
 against one training epoch over all N, and their agreement against exact over all N.
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import splitgrow
+from splitgrow.models import MODELS, Architecture
 
 
 class MobileNetV1Style(nn.Module):
@@ -73,6 +75,12 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    p.add_argument(
+        "--model",
+        choices=["mobilenet", "resnet20"],
+        default="mobilenet",
+        help="MobileNetV1-style (sized by --width) or the registry's ResNet-20 (16/32/64)",
+    )
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--samples", type=int, default=512)
     p.add_argument("--batch", type=int, default=128)
@@ -84,7 +92,10 @@ def main() -> None:
     args = p.parse_args()
 
     torch.manual_seed(0)
-    model = MobileNetV1Style(args.width)
+    model: nn.Module = MobileNetV1Style(args.width)
+    if args.model == "resnet20":
+        widths = list(MODELS["resnet"].default_widths)
+        model = Architecture("resnet", widths, "relu", [3, 32, 32]).build()
     x = torch.randn(args.samples, 3, 32, 32)
     y = torch.randint(0, 10, (args.samples,))
     batches = [
@@ -128,7 +139,7 @@ def main() -> None:
     exact = results.get("exact") or splitgrow.splitting_eigen(model, F.cross_entropy, batches)
     print(
         f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads; width {args.width}, N = {args.samples}, "
+        f"{torch.get_num_threads()} threads; {args.model}, width {args.width}, N = {args.samples}, "
         f"batch {args.batch}, median of {args.repeats}"
     )
     print(f"one training epoch: {t_epoch:.3f} s")

@@ -22,6 +22,12 @@ def _theta_split(module: nn.Module, delta: Tensor) -> dict[str, Tensor]:
     w = module.weight
     n2 = w.shape[0]
     k = w[0].numel()
+    has_bias = getattr(module, "bias", None) is not None
+    if k == 2 * (delta.shape[1] - has_bias):
+        # a member that also reads its own unit (x + b(x)): split after all, its input columns
+        # were halved and duplicated, and so is the offset given in the old layout
+        cols = delta[:, : k // 2] / 2
+        delta = torch.cat([cols, cols, delta[:, k // 2 :]], dim=1)
     signed = torch.cat([delta, -delta])  # (2n, d)
     params = {"weight": w + signed[:, :k].reshape(n2, *w.shape[1:])}
     if getattr(module, "bias", None) is not None:
@@ -30,14 +36,24 @@ def _theta_split(module: nn.Module, delta: Tensor) -> dict[str, Tensor]:
 
 
 def split_loss_fn(
-    model: nn.Module, layer: str, loss_fn, batches, *, batchnorm: str = "running", beta=None
+    model: nn.Module,
+    layer: str,
+    loss_fn,
+    batches,
+    *,
+    batchnorm: str = "running",
+    beta=None,
+    members: list[str] | None = None,
 ):
     """L(δ): the data set's mean loss of the split network, δ of shape (n, d).
 
-    With ``beta``, ReLU-like activations of the split network get the independent surrogate.
+    ``members`` are the coupled layers whose rows split together (default: ``[layer]``); δ is
+    then their parameters side by side, in the order given. With ``beta``, ReLU-like
+    activations of the split network get the independent surrogate.
     """
+    members = members or [layer]
     n = dict(model.named_modules())[layer].weight.shape[0]
-    zeros = torch.zeros(n, _d(model, layer), dtype=torch.float64)
+    zeros = torch.zeros(n, _d(model, members), dtype=torch.float64)
     template = split_neurons(model, {layer: (torch.arange(n), zeros)}, eps=0.0)
     if beta is not None:
         template = with_surrogates(template, beta)
@@ -49,12 +65,14 @@ def split_loss_fn(
     base = {k: v for k, v in template.named_parameters()}
     buffers = {k: v.clone() for k, v in template.named_buffers()}
     total = sum(int(x.shape[0]) for x, _ in batches)
+    sizes = [_d(model, [m]) for m in members]
 
     def loss(delta: Tensor) -> Tensor:
-        mod = dict(template.named_modules())[layer]
+        mods = dict(template.named_modules())
         params = dict(base)
-        for k, v in _theta_split(mod, delta).items():
-            params[f"{layer}.{k}"] = v
+        for member, part in zip(members, delta.split(sizes, dim=1), strict=True):
+            for k, v in _theta_split(mods[member], part).items():
+                params[f"{member}.{k}"] = v
         out = 0.0
         for x, y in batches:
             state = {**params, **{k: v.clone() for k, v in buffers.items()}}
@@ -64,16 +82,22 @@ def split_loss_fn(
     return loss
 
 
-def _d(model: nn.Module, layer: str) -> int:
-    m = dict(model.named_modules())[layer]
-    return m.weight[0].numel() + int(getattr(m, "bias", None) is not None)
+def _d(model: nn.Module, members: list[str]) -> int:
+    mods = dict(model.named_modules())
+    return sum(
+        mods[m].weight[0].numel() + int(getattr(mods[m], "bias", None) is not None) for m in members
+    )
 
 
-def split_hessian(model, layer, loss_fn, batches, *, batchnorm="running", beta=None) -> Tensor:
+def split_hessian(
+    model, layer, loss_fn, batches, *, batchnorm="running", beta=None, members=None
+) -> Tensor:
     """The full Hessian of L(δ) at δ = 0, shaped (n, d, n, d)."""
     model = copy.deepcopy(model)
-    n, d = dict(model.named_modules())[layer].weight.shape[0], _d(model, layer)
-    f = split_loss_fn(model, layer, loss_fn, batches, batchnorm=batchnorm, beta=beta)
+    n, d = dict(model.named_modules())[layer].weight.shape[0], _d(model, members or [layer])
+    f = split_loss_fn(
+        model, layer, loss_fn, batches, batchnorm=batchnorm, beta=beta, members=members
+    )
     zero = torch.zeros(n * d, dtype=torch.float64)
     h = torch.autograd.functional.hessian(lambda flat: f(flat.view(n, d)), zero)
     return h.view(n, d, n, d)

@@ -66,7 +66,7 @@ def test_info_lists_registries(capsys: pytest.CaptureFixture[str]) -> None:
     ("argv", "words"),
     [
         ([], "the following arguments are required: command"),
-        (["grow", "--model", "resnet"], "invalid choice: 'resnet'"),
+        (["grow", "--model", "resnet9000"], "invalid choice: 'resnet9000'"),
         (["grow", "--rounds", "-1"], "must be at least 0: -1"),
         (["grow", "--widths", "0"], "must be positive"),
         (["grow", "--eps", "nan"], "must be a positive number up to 1e+30"),

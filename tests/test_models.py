@@ -18,6 +18,9 @@ SHAPES = {
     "cnn1d": [1, 40],
     "cnn": [3, 16, 16],
     "mobilenetv1": [3, 32, 32],
+    "resnet": [1, 8, 8],
+    "mobilenetv2": [1, 8, 8],
+    "densenet": [1, 8, 8],
 }
 
 
@@ -40,6 +43,7 @@ def test_every_model_builds_splits_and_rebuilds(name: str) -> None:
     assert widths_of(model) == arch.widths
     structure = splitgrow.analyze(model)
     sized = [n for n, m in model.named_modules() if getattr(m, "splitgrow_sized", False)]
+    # every sized layer names one unit (a residual stream's first producer), in order
     assert structure.splittable() == sized, {k: v.reason for k, v in structure.layers.items()}
     # grow every sized layer by one neuron, rebuild from JSON + state_dict, same function
     plan = {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,27 +34,40 @@ def test_no_bias_and_conv1d_dims() -> None:
     assert (c1.n, c1.d, c1.has_bias) == (4, 2 * 5, False)
 
 
-class Residual(nn.Module):
+class InputResidual(nn.Module):
+    """A residual add of the model input: its channels cannot grow."""
+
     def __init__(self) -> None:
         super().__init__()
         self.a = nn.Linear(4, 4)
-        self.b = nn.Linear(4, 4)
         self.out = nn.Linear(4, 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = torch.relu(self.a(x))
-        return self.out(h + self.b(h))
+        return self.out(x + torch.tanh(self.a(x)))
 
 
-class Concat(nn.Module):
+class SpatialCat(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.a = nn.Conv2d(2, 3, 1)
         self.b = nn.Conv2d(2, 3, 1)
-        self.out = nn.Conv2d(6, 2, 1)
+        self.out = nn.Conv2d(3, 2, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.out(torch.cat([self.a(x), self.b(x)], dim=1)).mean((2, 3))
+        return self.out(torch.cat([self.a(x), self.b(x)], dim=2)).mean((2, 3))
+
+
+class Chunked(nn.Module):
+    """A channel split whose sizes are fixed in forward(): growing one part moves the cut."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(2, 4, 1)
+        self.out = nn.Conv2d(2, 2, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        p, q = self.a(x).chunk(2, dim=1)
+        return self.out(torch.tanh(p) * q).mean((2, 3))
 
 
 class FixedView(nn.Module):
@@ -121,9 +136,10 @@ class LinearOnSpatial(nn.Module):
 @pytest.mark.parametrize(
     ("model", "layer", "words"),
     [
-        (Residual(), "a", "combines the channels with another tensor"),
-        (Residual(), "b", "combines the channels with another tensor"),
-        (Concat(), "a", "function 'cat'"),
+        (InputResidual(), "a", "combines the channels with another tensor ('x')"),
+        (SpatialCat(), "a", "along dimension 2, not the channel dimension"),
+        (SpatialCat(), "b", "along dimension 2, not the channel dimension"),
+        (Chunked(), "a", "method '.chunk()'"),
         (FixedView(), "c", "view"),
         (Grouped(), "c", "groups=2"),
         (SoftmaxChain(), "a", "module 'sm'"),
@@ -139,11 +155,13 @@ def test_blocked_layers_report_the_blocking_operation(
     assert not info.splittable
     assert words in info.reason
     plan = {layer: (torch.tensor([0]), torch.zeros(1, info.d))}
-    with pytest.raises(ValueError, match=f"layer '{layer}' is not splittable: .*{words}"):
+    with pytest.raises(
+        ValueError, match=f"layer '{layer}' is not splittable: .*{re.escape(words)}"
+    ):
         splitgrow.split_neurons(model, plan, eps=0.1)
 
 
-def test_residual_model_other_layers_still_splittable() -> None:
+def test_residual_model_couples_the_stream_into_one_unit() -> None:
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -156,8 +174,13 @@ def test_residual_model_other_layers_still_splittable() -> None:
             return self.out(h + torch.tanh(self.a(torch.sigmoid(h))))
 
     s = analyze(Net())
-    assert not s.layers["stem"].splittable and not s.layers["a"].splittable
-    assert "residual" in s.layers["a"].reason
+    assert s.splittable() == ["stem"]
+    stem = s.layers["stem"]
+    assert [m.name for m in stem.members] == ["stem", "a"]
+    assert (stem.n, stem.d) == (4, 4 + 5)
+    assert sorted(c.name for c in stem.consumers) == ["a", "out"]
+    assert s.unit_of("a") == "stem" and not s.layers["a"].splittable
+    assert "coupled with those of 'stem'" in s.layers["a"].reason
 
 
 def test_untraceable_model_gives_clear_error() -> None:

@@ -1,20 +1,37 @@
-"""Model structure: which layers hold splittable neurons, their per-channel chains and consumers.
+"""Model structure: which neurons can be split, their per-channel regions and consumers.
 
 The model is traced with ``torch.fx`` (so a custom ``forward`` works, not only ``nn.Sequential``).
-For every neuron layer (producer) the channels are followed forward through the traced graph: each
-operation they reach must be a registered per-channel operation (``graph.ops``) or a linear
-consumer. Anything else blocks the layer, and the reason is kept for the user.
+Every neuron layer (*producer*: Linear, Conv1d, Conv2d with ``groups=1``) starts a block of
+channels. The blocks are followed forward through the traced graph: each operation they reach must
+be a registered per-channel operation (``graph.ops``), a linear *consumer* (the next neuron layer,
+where the block ends), or one of the two joins:
+
+* an elementwise add/sub/mul/div of two such tensors couples the channels: channel ``i`` of every
+  producer feeding the join must split together. The coupled producers form one *unit* (a
+  residual stream: a ResNet's stem, its blocks' last convolutions and projection shortcuts); an
+  identity shortcut has no parameters and just carries the channel to the next join;
+* ``torch.cat`` along the channel dimension lays the blocks side by side: a split channel of one
+  input gets its new copy at the end of that input's block, and every per-channel module and
+  consumer after the concatenation is gathered accordingly (:attr:`Consumer.segments`).
+
+A *unit* is what ``splitting_eigen``, ``split_neurons`` and ``grow`` see as one layer: it is named
+after its first producer in graph order, its neuron i has the parameters of all its producers'
+rows i, concatenated in graph order, and the other producers are reported as coupled into it.
+Anything else blocks the units that reach it, and the reason is kept for the user.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
+import torch
 from torch import fx, nn
 
 from splitgrow._attrs import eval_mode, optional_tensor, tensor
 from splitgrow.graph.ops import (
+    ARITHMETIC,
     Blocked,
     Layout,
     RuleContext,
@@ -27,42 +44,68 @@ from splitgrow.graph.ops import (
     producer_layout,
 )
 
+#: ``(unit name, channels)`` blocks of a tensor's channel dimension, in order
+Segments = tuple[tuple[str, int], ...]
+
+_CATS: tuple[Any, ...] = (torch.cat, torch.concat, torch.concatenate)
+
 
 @dataclass(frozen=True)
 class Consumer:
-    """A layer that reads the producer's channels: its input columns are halved and duplicated."""
+    """A layer that reads the unit's channels: its input columns are halved and duplicated.
+
+    ``segments`` are the blocks of its input's channels (more than one after a concatenation);
+    each channel owns ``block`` consecutive input columns (the spatial size after a flatten).
+    """
 
     name: str  # qualified module name
     node: fx.Node
-    block: int  # input columns per producer channel (1, or the spatial size after a flatten)
+    block: int
+    segments: Segments = ()
 
 
 @dataclass(frozen=True)
 class ChainNode:
-    """One operation on the path from a producer to its consumers."""
+    """One operation that the unit's channels pass through on the way to its consumers."""
 
     node: fx.Node
     kind: StepKind
     module: str | None  # qualified module name when the op is a module with per-channel state
     layout: Layout
+    segments: Segments = ()  # blocks of the channels of its (first) channel input
+    joins: bool = False  # combines two tensors of the region (a residual add, a concatenation)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One producer of a unit: its rows are a slice ``[offset, offset + d)`` of the unit's θ."""
+
+    name: str
+    node: fx.Node
+    d: int
+    has_bias: bool
+    offset: int
 
 
 @dataclass
 class LayerInfo:
-    """What splitgrow knows about one neuron layer.
+    """What splitgrow knows about one neuron layer, or one unit of coupled layers.
 
     Attributes:
-        name: qualified name in ``model.named_modules()``.
+        name: qualified name in ``model.named_modules()`` (of the unit's first producer).
         kind: module class name (``"Linear"``, ``"Conv2d"`` …).
         n: number of neurons (output features or channels).
-        d: parameters per neuron: the weight row flattened in PyTorch order, then the bias if any.
-        has_bias: whether the layer has a bias (its last component in ``d``).
+        d: parameters per neuron: the weight row flattened in PyTorch order, then the bias if any;
+            for a unit, every member's in graph order.
+        has_bias: whether the (first) layer has a bias.
         splittable: whether its neurons can be split.
         reason: why not, when ``splittable`` is ``False``.
-        chain: per-channel operations between the layer and its consumers, in graph order.
+        chain: per-channel operations between the producers and the consumers, in graph order.
         consumers: the layers whose inputs are the channels.
         assumes_2d: the chain (BatchNorm1d, PReLU) acts on dimension 1, which holds the neurons
             only when this Linear layer gets 2-D inputs; ``splitting_eigen`` checks it on data.
+        members: the producers whose channels are coupled (one for a plain layer).
+        unit: for a producer coupled into another layer's unit, that unit's name.
     """
 
     name: str
@@ -76,10 +119,17 @@ class LayerInfo:
     chain: list[ChainNode] = field(default_factory=list)
     consumers: list[Consumer] = field(default_factory=list)
     assumes_2d: bool = False  # a Linear layer whose chain is valid only on 2-D inputs
+    members: list[Member] = field(default_factory=list)
+    unit: str | None = None
 
     def chain_modules(self) -> list[str]:
         """Modules in the chain whose per-channel parameters must be duplicated by a split."""
         return [c.module for c in self.chain if c.module is not None]
+
+    @property
+    def coupled(self) -> bool:
+        """Whether the unit has several producers or its channels meet others at a join."""
+        return len(self.members) > 1 or any(c.joins for c in self.chain)
 
 
 @dataclass
@@ -90,8 +140,13 @@ class ModelStructure:
     layers: dict[str, LayerInfo]
 
     def splittable(self) -> list[str]:
-        """Names of the splittable layers, in graph order."""
+        """Names of the splittable layers (units), in graph order."""
         return [k for k, v in self.layers.items() if v.splittable]
+
+    def unit_of(self, layer: str) -> str:
+        """The unit a layer's neurons belong to (its own name unless it is coupled)."""
+        info = self.layers.get(layer)
+        return layer if info is None or info.unit is None else info.unit
 
     def require(self, name: str) -> LayerInfo:
         """The info of a splittable layer ``name``.
@@ -135,8 +190,61 @@ def _neuron_dims(module: nn.Module) -> tuple[int, int, bool]:
     return n, d, has_bias
 
 
+@dataclass(frozen=True)
+class _Desc:
+    """A tensor of the region: its layout and the blocks of its channels (by producer)."""
+
+    layout: Layout | None  # None: the tensor is past a blocking operation
+    segments: tuple[tuple[str, int], ...]
+
+    @property
+    def size(self) -> int:
+        return sum(s for _, s in self.segments)
+
+
+@dataclass(frozen=True)
+class _Traced:
+    """One operation on region tensors, as traced (before the units are known)."""
+
+    node: fx.Node
+    kind: StepKind
+    module: str | None
+    layout: Layout
+    channels: _Desc  # its (first) channel input
+    producers: frozenset[str]  # every producer whose channels reach it
+    joins: bool
+    assumes_2d: bool
+
+
+class _Units:
+    """Union–find over producers, with the first reason that blocks each."""
+
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+        self.blocked: dict[str, str] = {}
+
+    def add(self, name: str) -> None:
+        self.parent[name] = name
+
+    def find(self, name: str) -> str:
+        while self.parent[name] != name:
+            self.parent[name] = self.parent[self.parent[name]]
+            name = self.parent[name]
+        return name
+
+    def union(self, a: str, b: str, order: dict[str, int]) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:  # the earlier producer names the unit
+            first, second = (ra, rb) if order[ra] < order[rb] else (rb, ra)
+            self.parent[second] = first
+
+    def block(self, names: Any, reason: str) -> None:
+        for name in names:
+            self.blocked.setdefault(name, reason)
+
+
 def analyze(model: nn.Module) -> ModelStructure:
-    """Trace ``model`` and describe every neuron layer (see :class:`LayerInfo`).
+    """Trace ``model`` and describe every neuron layer and unit (see :class:`LayerInfo`).
 
     Args:
         model: any ``nn.Module`` that ``torch.fx`` can trace.
@@ -148,89 +256,281 @@ def analyze(model: nn.Module) -> ModelStructure:
     modules = dict(gm.named_modules())
     calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
     nodes = list(gm.graph.nodes)
+    order = {node: i for i, node in enumerate(nodes)}
     layers: dict[str, LayerInfo] = {}
-    for i, node in enumerate(nodes):
-        if node.op != "call_module":
-            continue
-        name = str(node.target)
-        module = modules[name]
-        if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-            continue
-        n, d, has_bias = _neuron_dims(module)
-        info = LayerInfo(name, type(module).__name__, n, d, has_bias, splittable=False, node=node)
-        if not is_neuron_layer(module):
-            if type(module) in (nn.Linear, nn.Conv1d, nn.Conv2d):  # a grouped convolution
-                continue
-            info.reason = (
-                f"{type(module).__name__} is a subclass of a neuron layer (e.g. a weight_norm "
-                "or spectral_norm parametrization); only plain Linear/Conv1d/Conv2d are split"
-            )
-            layers[name] = info
-            continue
-        layers[name] = info
-        try:
-            if calls[name] > 1:
-                raise Blocked(f"module '{name}' is called {calls[name]} times (shared weights)")
-            _follow(info, node, nodes[i + 1 :], modules, calls)
-            info.splittable = True
-        except Blocked as why:
-            info.reason = str(why)
-            info.chain, info.consumers = [], []
-    return ModelStructure(gm, layers)
+    units = _Units()
+    rank: dict[str, int] = {}
+    desc: dict[fx.Node, _Desc] = {}
+    steps: list[_Traced] = []
+    metas: list[tuple[fx.Node, _Desc]] = []
+    consumed: list[tuple[fx.Node, str, int, _Desc]] = []
 
+    def names(*ds: _Desc) -> set[str]:
+        return {u for d in ds for u, _ in d.segments}
 
-def _follow(
-    info: LayerInfo,
-    producer: fx.Node,
-    later: list[fx.Node],
-    modules: dict[str, nn.Module],
-    calls: Counter[str],
-) -> None:
-    """Fill ``info.chain`` and ``info.consumers`` by following the producer's channels forward."""
-    layouts: dict[fx.Node, Layout] = {producer: producer_layout(modules[info.name])}
-    ctx = RuleContext(modules, info.n, set(layouts))
-    for node in later:
-        reached = [a for a in node.all_input_nodes if a in layouts]
+    for node in nodes:
+        reached = [a for a in node.all_input_nodes if a in desc]
+        module = modules.get(str(node.target)) if node.op == "call_module" else None
+        if module is not None and is_neuron_layer(module):
+            producer = _producer(node, module, layers, calls, units, rank)
+            if reached:
+                _consume(node, module, reached, desc, calls, units, consumed)
+            desc[node] = _Desc(producer_layout(module), ((producer, layers[producer].n),))
+            continue
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)) and type(module) not in (
+            nn.Linear, nn.Conv1d, nn.Conv2d,
+        ):  # fmt: skip
+            n, d, has_bias = _neuron_dims(module)
+            layers[str(node.target)] = LayerInfo(
+                str(node.target), type(module).__name__, n, d, has_bias, splittable=False,
+                node=node, reason=f"{type(module).__name__} is a subclass of a neuron layer (e.g. "
+                "a weight_norm or spectral_norm parametrization); only plain Linear/Conv1d/Conv2d "
+                "are split",
+            )  # fmt: skip
+        # other convolutions (depthwise, grouped) are operations on the channels, or block them
         if not reached:
             continue
+        inputs = [desc[a] for a in reached]
+        involved = names(*inputs)
         if node.op == "output":
-            raise Blocked("its channels reach the model output directly")
+            units.block(involved, "its channels reach the model output directly")
+            continue
         if is_meta(node):  # kept in the chain so that re-running it reads the actual sizes
-            info.chain.append(ChainNode(node, StepKind.META, None, layouts[reached[0]]))
+            metas.append((node, inputs[0]))
             continue
-        if len({layouts[a] for a in reached}) > 1:
-            raise Blocked(f"{describe(node)} combines the channels in two different layouts")
-        layout = layouts[reached[0]]
-        if node.op == "call_module" and is_neuron_layer(modules[str(node.target)]):
-            if len(node.args) != 1 or node.kwargs or node.args[0] not in layouts:
-                raise Blocked(f"{describe(node)} takes the channels in an unsupported argument")
-            if calls[str(node.target)] > 1:
-                raise Blocked(
-                    f"consumer {describe(node)} is called more than once (shared weights)"
-                )
-            block = consumer_block(modules[str(node.target)], layout, info.n)
-            info.consumers.append(Consumer(str(node.target), node, block))
+        dead = [d for d in inputs if d.layout is None]
+        if dead:  # past a blocking operation: whatever meets it cannot be split either
+            culprit = next(iter(names(*dead)))
+            units.block(
+                involved - names(*dead),
+                f"{describe(node)} combines its channels with those of '{culprit}', which "
+                f"cannot be split ({units.blocked.get(culprit, 'blocked')})",
+            )
+            desc[node] = _Desc(None, tuple((u, 0) for u in involved))
             continue
-        rule = lookup_rule(node, modules)
-        if rule is None:
+        try:
+            out, step = _step(node, reached, desc, modules, calls, units, rank)
+        except Blocked as why:
+            units.block(involved, str(why))
+            desc[node] = _Desc(None, tuple((u, 0) for u in involved))
+            continue
+        desc[node] = out
+        steps.append(step)
+
+    return ModelStructure(gm, _units(layers, units, steps, metas, consumed, order, rank))
+
+
+def _producer(
+    node: fx.Node,
+    module: nn.Module,
+    layers: dict[str, LayerInfo],
+    calls: Counter[str],
+    units: _Units,
+    rank: dict[str, int],
+) -> str:
+    """Register a neuron layer, whose channels start a block."""
+    name = str(node.target)
+    n, d, has_bias = _neuron_dims(module)
+    layers[name] = LayerInfo(name, type(module).__name__, n, d, has_bias, False, node=node)
+    units.add(name)
+    rank[name] = len(rank)
+    if calls[name] > 1:
+        units.block([name], f"module '{name}' is called {calls[name]} times (shared weights)")
+    return name
+
+
+def _consume(
+    node: fx.Node,
+    module: nn.Module,
+    reached: list[fx.Node],
+    desc: dict[fx.Node, _Desc],
+    calls: Counter[str],
+    units: _Units,
+    consumed: list[tuple[fx.Node, str, int, _Desc]],
+) -> None:
+    """A neuron layer reading region tensors: a consumer, or a block with the reason."""
+    involved = {u for a in reached for u, _ in desc[a].segments}
+    try:
+        if len(node.args) != 1 or node.kwargs or node.args[0] not in desc:
+            raise Blocked(f"{describe(node)} takes the channels in an unsupported argument")
+        if calls[str(node.target)] > 1:
+            raise Blocked(f"consumer {describe(node)} is called more than once (shared weights)")
+        d = desc[reached[0]]
+        if d.layout is None:
+            return
+        block = consumer_block(module, d.layout, d.size)
+    except Blocked as why:
+        units.block(involved, str(why))
+        return
+    consumed.append((node, str(node.target), block, d))
+
+
+def _step(
+    node: fx.Node,
+    reached: list[fx.Node],
+    desc: dict[fx.Node, _Desc],
+    modules: dict[str, nn.Module],
+    calls: Counter[str],
+    units: _Units,
+    rank: dict[str, int],
+) -> tuple[_Desc, _Traced]:
+    """Pass the region tensors ``reached`` through ``node`` (joins included)."""
+    inputs = [desc[a] for a in reached]
+    first = inputs[0]
+    producers = frozenset(u for d in inputs for u, _ in d.segments)
+    assert first.layout is not None
+    if node.op == "call_function" and node.target in _CATS:
+        out = _cat(node, desc)
+        assert out.layout is not None
+        return out, _Traced(node, StepKind.LINEAR, None, out.layout, first, producers, True, False)
+    if len({d.layout for d in inputs}) > 1:
+        raise Blocked(f"{describe(node)} combines the channels in two different layouts")
+    rule = lookup_rule(node, modules)
+    if rule is None:
+        raise Blocked(f"its channels reach {describe(node)}, which is not a per-channel operation")
+    outside = [a for a in node.all_input_nodes if a not in desc and not is_meta(a)]
+    if outside:
+        raise Blocked(
+            f"{describe(node)} combines the channels with another tensor "
+            f"('{outside[0].name}'), e.g. a residual add of a tensor that no splittable layer "
+            "produces"
+        )
+    joins = len(reached) > 1
+    if joins:
+        if _arith_name(node) is None:
+            raise Blocked(f"{describe(node)} combines two tensors of channels")
+        _couple(node, inputs, units, rank)
+    ctx = RuleContext(modules, first.size, desc)
+    step = rule(node, first.layout, ctx)
+    module_name = None
+    if step.copies_module:
+        module_name = str(node.target)
+        if calls[module_name] > 1:
+            raise Blocked(f"{describe(node)} is called more than once (shared weights)")
+    out = _Desc(step.layout, first.segments)
+    traced = _Traced(
+        node, step.kind, module_name, step.layout, first, producers, joins, step.assumes_2d
+    )
+    return out, traced
+
+
+def _arith_name(node: fx.Node) -> str | None:
+    if node.op == "call_function":
+        return ARITHMETIC.get(node.target)
+    if node.op == "call_method" and node.target in ("add", "sub", "mul", "div"):
+        return str(node.target)
+    return None
+
+
+def _couple(node: fx.Node, inputs: list[_Desc], units: _Units, rank: dict[str, int]) -> None:
+    """An elementwise join of region tensors: channel i of every input splits together."""
+    shapes = {tuple(s for _, s in d.segments) for d in inputs}
+    if len(shapes) > 1:
+        sizes = " and ".join(str(d.size) for d in inputs)
+        raise Blocked(
+            f"{describe(node)} joins {sizes} channels made of differently sized blocks "
+            "(broadcasting, or a concatenation added to another tensor)"
+        )
+    for d in inputs[1:]:
+        for (a, _), (b, _) in zip(inputs[0].segments, d.segments, strict=True):
+            units.union(a, b, rank)
+
+
+def _cat(node: fx.Node, desc: dict[fx.Node, _Desc]) -> _Desc:
+    """``torch.cat`` of region tensors along the channel dimension: the blocks side by side."""
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if not isinstance(tensors, (list, tuple)):
+        raise Blocked(f"{describe(node)} of a list that is not traced element by element")
+    parts = []
+    for t in tensors:
+        if not isinstance(t, fx.Node) or t not in desc:
+            what = t.name if isinstance(t, fx.Node) else type(t).__name__
             raise Blocked(
-                f"its channels reach {describe(node)}, which is not a per-channel operation"
+                f"{describe(node)} concatenates the channels with '{what}', whose channels no "
+                "splittable layer produces"
             )
-        outside = [a for a in node.all_input_nodes if a not in layouts and not is_meta(a)]
-        if outside:
-            raise Blocked(
-                f"{describe(node)} combines the channels with another tensor "
-                f"('{outside[0].name}'), e.g. a residual add or a concatenation"
+        parts.append(desc[t])
+    layouts = {d.layout for d in parts}
+    if len(layouts) > 1:
+        raise Blocked(f"{describe(node)} concatenates tensors of different layouts")
+    layout = parts[0].layout
+    assert layout is not None
+    channel_dims = {layout.cdim}
+    if layout.ndim is not None:
+        channel_dims.add(layout.cdim % layout.ndim)
+        channel_dims.add(layout.cdim % layout.ndim - layout.ndim)
+    if layout.flat or not isinstance(dim, int) or dim not in channel_dims:
+        raise Blocked(
+            f"{describe(node)} along dimension {dim}, not the channel dimension: it would mix "
+            "positions of different channels"
+        )
+    return _Desc(layout, tuple(s for d in parts for s in d.segments))
+
+
+def _units(
+    layers: dict[str, LayerInfo],
+    units: _Units,
+    steps: list[_Traced],
+    metas: list[tuple[fx.Node, _Desc]],
+    consumed: list[tuple[fx.Node, str, int, _Desc]],
+    order: dict[fx.Node, int],
+    rank: dict[str, int],
+) -> dict[str, LayerInfo]:
+    """Gather the traced facts into one :class:`LayerInfo` per unit, named by its root."""
+    find = units.find
+    roots = {name: find(name) for name in units.parent}
+    blocked: dict[str, str] = {}
+    for name, why in units.blocked.items():
+        blocked.setdefault(roots[name], why if roots[name] == name else f"{name}: {why}")
+
+    def resolve(d: _Desc) -> Segments:
+        return tuple((roots[u], s) for u, s in d.segments)
+
+    for name, root in roots.items():
+        info = layers[name]
+        if root != name:
+            info.unit = root
+            info.reason = (
+                f"its channels are coupled with those of '{root}' (a residual add or an "
+                f"elementwise product): split it as part of unit '{root}'"
             )
-        step = rule(node, layout, ctx)
-        module_name = None
-        if step.copies_module:
-            module_name = str(node.target)
-            if calls[module_name] > 1:
-                raise Blocked(f"{describe(node)} is called more than once (shared weights)")
-        info.assumes_2d = info.assumes_2d or step.assumes_2d
-        info.chain.append(ChainNode(node, step.kind, module_name, step.layout))
-        layouts[node] = step.layout
-        ctx.chain.add(node)
-    if not info.consumers:
-        raise Blocked("no linear layer consumes its channels")
+    for root in set(roots.values()):
+        info = layers[root]
+        members = sorted((n for n, r in roots.items() if r == root), key=rank.__getitem__)
+        offset = 0
+        for m in members:
+            mi = layers[m]
+            assert mi.node is not None
+            info.members.append(Member(m, mi.node, mi.d, mi.has_bias, offset))
+            offset += mi.d
+        widths = {layers[m].n for m in members}
+        if len(widths) > 1:
+            blocked.setdefault(root, f"coupled layers {members} have different widths {widths}")
+        info.d = offset
+    for t in steps:
+        segs = resolve(t.channels)
+        for root in {roots[u] for u in t.producers}:
+            info = layers[root]
+            info.chain.append(ChainNode(t.node, t.kind, t.module, t.layout, segs, t.joins))
+            info.assumes_2d = info.assumes_2d or t.assumes_2d
+    for node, d in metas:
+        layout = d.layout or Layout(None, 1)
+        for root in {u for u, _ in resolve(d)}:
+            layers[root].chain.append(ChainNode(node, StepKind.META, None, layout))
+    for node, name, block, d in consumed:
+        segs = resolve(d)
+        for root in {u for u, _ in segs}:
+            layers[root].consumers.append(Consumer(name, node, block, segs))
+    for root in set(roots.values()):
+        info = layers[root]
+        info.chain.sort(key=lambda c: order[c.node])
+        if root in blocked:
+            info.reason = blocked[root]
+        elif not info.consumers:
+            info.reason = "no linear layer consumes its channels"
+        else:
+            info.splittable = True
+        if not info.splittable:
+            info.chain, info.consumers = [], []
+    return layers

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -81,8 +81,8 @@ class RuleContext:
     """What a rule may look at: the traced module table and the producer's channel count."""
 
     modules: dict[str, nn.Module]
-    n: int
-    chain: set[fx.Node]
+    n: int  # channels of the tensor the rule is applied to
+    chain: Container[fx.Node]  # tensors that carry splittable channels
 
     def module(self, node: fx.Node) -> nn.Module:
         return self.modules[str(node.target)]
@@ -479,7 +479,7 @@ def _reduce(node: fx.Node, layout: Layout, ctx: RuleContext) -> Step:
     return Step(Layout(2, 1), StepKind.LINEAR)
 
 
-_ARITH: dict[Any, str] = {
+ARITHMETIC: dict[Any, str] = {
     operator.add: "add",
     operator.sub: "sub",
     operator.mul: "mul",
@@ -491,10 +491,10 @@ _ARITH: dict[Any, str] = {
 }
 
 
-@register_function_rule(*_ARITH)
+@register_function_rule(*ARITHMETIC)
 @register_method_rule("add", "sub", "mul", "div")
 def _arith(node: fx.Node, layout: Layout, ctx: RuleContext) -> Step:
-    name = _ARITH.get(node.target, str(node.target))
+    name = ARITHMETIC.get(node.target, str(node.target))
     a, b = node.args[0], node.args[1]
     if not all(isinstance(x, (fx.Node, int, float)) for x in (a, b)):
         raise Blocked(f"{describe(node)} with a non-scalar constant")

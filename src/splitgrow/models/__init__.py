@@ -257,6 +257,166 @@ class MobileNetV1(nn.Module):
         return self.head(self.features(x).mean((2, 3)))
 
 
+class _Basic(nn.Module):
+    """A ResNet basic block: conv3×3 → BN → act → conv3×3 → BN, plus the shortcut, → act. The
+    shortcut is the identity, or conv1×1 → BN when the stride or the width changes (it is then
+    declared first, so that ``widths_of`` meets it before the block's own conv)."""
+
+    def __init__(self, c_in: int, inner: int, c_out: int, stride: int, act: str) -> None:
+        super().__init__()
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                _sized(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False)), nn.BatchNorm2d(c_out)
+            )
+        self.conv1 = _sized(nn.Conv2d(c_in, inner, 3, stride=stride, padding=1, bias=False))
+        self.bn1 = nn.BatchNorm2d(inner)
+        self.act1 = activation(act)
+        self.conv2 = nn.Conv2d(inner, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.act2 = activation(act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = self.shortcut(x)  # first: a projection then names its stage's unit
+        h = self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x)))))
+        return self.act2(h + s)
+
+
+class ResNet(nn.Module):
+    """CIFAR ResNet (ResNet-20 with the default widths): a conv3×3 stem, three stages of basic
+    blocks with real identity shortcuts (a 1×1 projection where a stage changes width or
+    stride); GAP; Linear.
+
+    The widths are ``[stage 1 width, its blocks' inner widths …, stage 2 width, …]``: three
+    stages with the same number of blocks. A stage's width is one unit of coupled channels
+    (its stem or projection, every block's second conv, and the identity shortcuts between them).
+    """
+
+    def __init__(self, widths: Sequence[int], act: str, in_shape: Sequence[int], classes: int):
+        super().__init__()
+        if len(widths) % 3 or len(widths) < 6:
+            raise ValueError(
+                "resnet takes [stage width, its blocks' inner widths …] for 3 stages with at "
+                f"least one block each (a multiple of 3 widths, at least 6), got {len(widths)}"
+            )
+        per = len(widths) // 3
+        stages = [widths[i * per : (i + 1) * per] for i in range(3)]
+        self.stem = _sized(nn.Conv2d(in_shape[0], stages[0][0], 3, padding=1, bias=False))
+        self.bn = nn.BatchNorm2d(stages[0][0])
+        self.act = activation(act)
+        blocks: list[nn.Module] = []
+        c = stages[0][0]
+        for s, (width, *inner) in enumerate(stages):
+            for b, w in enumerate(inner):
+                stride = 2 if s > 0 and b == 0 else 1
+                blocks.append(_Basic(c, w, width, stride, act))
+                c = width
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(c, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.blocks(self.act(self.bn(self.stem(x)))).mean((2, 3)))
+
+
+class _Inverted(nn.Module):
+    """A MobileNetV2 inverted residual: expand 1×1 → BN → act → depthwise 3×3 → BN → act →
+    project 1×1 → BN (linear bottleneck), plus the identity when ``residual``."""
+
+    def __init__(self, c_in: int, hidden: int, c_out: int, stride: int, act: str, residual: bool):
+        super().__init__()
+        self.residual = residual
+        self.expand = _sized(nn.Conv2d(c_in, hidden, 1, bias=False))
+        self.bn1 = nn.BatchNorm2d(hidden)
+        self.act1 = activation(act)
+        self.dw = nn.Conv2d(hidden, hidden, 3, stride, padding=1, groups=hidden, bias=False)
+        self.bn2 = nn.BatchNorm2d(hidden)
+        self.act2 = activation(act)
+        self.project = nn.Conv2d(hidden, c_out, 1, bias=False)
+        if not residual:  # the first block of a stage starts its stage's stream: sized
+            _sized(self.project)
+        self.bn3 = nn.BatchNorm2d(c_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.act2(self.bn2(self.dw(self.act1(self.bn1(self.expand(x))))))
+        h = self.bn3(self.project(h))
+        return x + h if self.residual else h
+
+
+class MobileNetV2(nn.Module):
+    """CIFAR MobileNetV2: conv3×3 stem, stages of inverted residual blocks (stride 1, 2, 2 …)
+    whose later blocks add a real identity shortcut, a 1×1 head conv → BN → act; GAP; Linear.
+
+    The widths are ``[stem, then per stage: first block's expansion, stage width, the other
+    blocks' expansions …, head]``; the default has three stages of two blocks. A stage's width
+    is one unit: the projections of all its blocks, joined by the shortcuts. Its channels pass
+    only linear steps (the linear bottleneck), so their splitting matrices are zero: splitting
+    grows the expansions, the stem and the head.
+    """
+
+    def __init__(self, widths: Sequence[int], act: str, in_shape: Sequence[int], classes: int):
+        super().__init__()
+        body = list(widths[1:-1])
+        per = 0
+        for k in range(1, len(body) // 2 + 1):  # stages of (k + 1) widths each, k ≥ 1 blocks
+            if len(body) % (k + 1) == 0 and len(body) // (k + 1) == 3:
+                per = k + 1
+        if len(widths) < 5 or not per:
+            raise ValueError(
+                "mobilenetv2 takes [stem, per stage: expansion, width, expansions …, head] for "
+                f"3 stages with the same number of blocks, got {len(widths)} widths"
+            )
+        self.stem = _sized(nn.Conv2d(in_shape[0], widths[0], 3, padding=1, bias=False))
+        self.bn = nn.BatchNorm2d(widths[0])
+        self.act = activation(act)
+        blocks: list[nn.Module] = []
+        c = widths[0]
+        for s in range(3):
+            first, width, *rest = body[s * per : (s + 1) * per]
+            stride = 1 if s == 0 else 2
+            blocks.append(_Inverted(c, first, width, stride, act, residual=False))
+            blocks += [_Inverted(width, e, width, 1, act, residual=True) for e in rest]
+            c = width
+        self.blocks = nn.Sequential(*blocks)
+        self.head_conv = _sized(nn.Conv2d(c, widths[-1], 1, bias=False))
+        self.head_bn = nn.BatchNorm2d(widths[-1])
+        self.head_act = activation(act)
+        self.head = nn.Linear(widths[-1], classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.blocks(self.act(self.bn(self.stem(x))))
+        return self.head(self.head_act(self.head_bn(self.head_conv(h))).mean((2, 3)))
+
+
+class DenseNet(nn.Module):
+    """A small DenseNet: a conv3×3 stem, then dense layers that each read the concatenation of
+    everything before them (pre-activation BN → act → conv3×3); BN → act over the whole
+    concatenation, GAP, Linear. ``widths[0]`` is the stem, ``widths[i]`` the i-th layer's growth.
+    Splitting a channel of an early layer lengthens its block inside every later concatenation.
+    """
+
+    def __init__(self, widths: Sequence[int], act: str, in_shape: Sequence[int], classes: int):
+        super().__init__()
+        self.stem = _sized(nn.Conv2d(in_shape[0], widths[0], 3, padding=1, bias=False))
+        c = widths[0]
+        self.norms = nn.ModuleList()
+        self.acts = nn.ModuleList()
+        self.convs = nn.ModuleList()
+        for w in widths[1:]:
+            self.norms.append(nn.BatchNorm2d(c))
+            self.acts.append(activation(act))
+            self.convs.append(_sized(nn.Conv2d(c, w, 3, padding=1, bias=False)))
+            c += w
+        self.norm = nn.BatchNorm2d(c)
+        self.act = activation(act)
+        self.head = nn.Linear(c, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.stem(x)
+        for norm, act, conv in zip(self.norms, self.acts, self.convs, strict=True):
+            h = torch.cat([h, conv(act(norm(h)))], dim=1)
+        return self.head(self.act(self.norm(h)).mean((2, 3)))
+
+
 register_model(
     "mlp",
     ModelSpec(_flat_mlp, (16,), "relu", None, doc="fully connected, one width per hidden layer"),
@@ -270,4 +430,22 @@ register_model("cnn", ModelSpec(CNN, (8, 8, 16, 16), "relu", 3, doc="small VGG-s
 register_model(
     "mobilenetv1",
     ModelSpec(MobileNetV1, (16, 16, 32, 32, 64, 64, 64), "relu", 3, doc="CIFAR MobileNetV1"),
+)
+register_model(
+    "resnet",
+    ModelSpec(
+        ResNet, (16, 16, 16, 16, 32, 32, 32, 32, 64, 64, 64, 64), "relu", 3,
+        doc="CIFAR ResNet-20: [stage width, inner widths …] × 3, identity shortcuts",
+    ),
+)  # fmt: skip
+register_model(
+    "mobilenetv2",
+    ModelSpec(
+        MobileNetV2, (16, 32, 16, 32, 48, 24, 48, 64, 32, 64, 64), "relu6", 3,
+        doc="CIFAR MobileNetV2: inverted residuals with identity shortcuts",
+    ),
+)  # fmt: skip
+register_model(
+    "densenet",
+    ModelSpec(DenseNet, (16, 8, 8, 8), "relu", 3, doc="small DenseNet: dense concatenations"),
 )

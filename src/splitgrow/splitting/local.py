@@ -30,6 +30,7 @@ chain. Every route is tested against the brute-force Hessian of the split networ
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,7 @@ from splitgrow.splitting import neurons
 from splitgrow.splitting.executor import Executor
 
 _CHUNK_ELEMENTS = 1 << 24  # bound on the elements of each chunk's temporaries (tangents, features)
+HVP_CHUNK = 32  # Hessian-vector products of the general route batched in one backward pass
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,16 @@ def _curved(kind: StepKind, batchnorm: str) -> bool:
 
 
 def _outside_inputs(info: LayerInfo) -> list[fx.Node]:
-    chain = {c.node for c in info.chain} | {info.node}
-    return [a for c in info.chain for a in c.node.all_input_nodes if a not in chain]
+    """Values the chain reads that it does not compute itself (held at their recorded value)."""
+    inside = {c.node for c in info.chain} | {m.node for m in info.members}
+    seen = {a: None for c in info.chain for a in c.node.all_input_nodes if a not in inside}
+    return list(seen)
+
+
+def _fixed_inputs(info: LayerInfo) -> list[fx.Node]:
+    """What the general route holds fixed: the members' inputs, then the chain's outside values."""
+    members = [first_input(m.node) for m in info.members]
+    return list({a: None for a in (*members, *_outside_inputs(info))})
 
 
 def choose_route(info: LayerInfo, module: nn.Module, batchnorm: str) -> Route:
@@ -76,6 +86,8 @@ def choose_route(info: LayerInfo, module: nn.Module, batchnorm: str) -> Route:
     kinds = {c.node: c.kind for c in info.chain}
     if not any(_curved(k, batchnorm) for k in kinds.values()):
         return Route("zero")
+    if info.coupled:  # several producers, or a join: only the general definition applies
+        return Route("general")
     # the Jacobian-chain form: linear steps and pointwise activations only, per sample
     chain_ok = not _outside_inputs(info) and all(
         k in (StepKind.AFFINE, StepKind.LINEAR, StepKind.ACTIVATION, StepKind.META)
@@ -139,7 +151,7 @@ class LayerRecipe:
         elif self.route.kind == "chain":
             nodes.append(info.node)
         elif self.route.kind == "general":
-            nodes += _outside_inputs(info)
+            nodes += [a for a in _fixed_inputs(info) if a not in nodes]
         return nodes
 
     def problem(
@@ -153,9 +165,9 @@ class LayerRecipe:
                 f"layer '{info.name}' gets {x.dim()}-D inputs, but its BatchNorm1d/PReLU acts on "
                 "dimension 1, which then does not hold its neurons: the layer is not splittable"
             )
-        th = neurons.theta(self.module).to(x.dtype)
         if self.route.kind == "zero":
-            return ZeroProblem(th.shape[0], th.shape[1], th)
+            return ZeroProblem(info.n, info.d, x.new_zeros(()))
+        th = neurons.theta(self.module).to(x.dtype)
         if self.route.kind == "closed-form":
             sigma = self.route.sigma
             assert sigma is not None
@@ -186,9 +198,17 @@ class LayerRecipe:
                 {c.node: c.kind for c in info.chain},
                 [(a, layouts[a], grads[a]) for a in acts],
             )
-        outside = {n: v for n, v in kept.items() if n is not first_input(info.node)}
-        edges = [(c.node.args[0], grads[c.node]) for c in info.consumers]
-        return GeneralProblem(ex, self.module, info.node, x, th, chain_nodes, outside, edges)
+        outside = {a: kept[a] for a in _outside_inputs(info)}  # members' inputs: below
+        members = [
+            (ex.modules[m.name], m.node, kept[first_input(m.node)].detach(),
+             neurons.theta(ex.modules[m.name]).to(x.dtype))
+            for m in info.members
+        ]  # fmt: skip
+        edges: dict[Any, Tensor] = {}  # one term per tensor read, its consumers' gradients summed
+        for c in info.consumers:
+            g = grads[c.node]
+            edges[c.node.args[0]] = g if c.node.args[0] not in edges else edges[c.node.args[0]] + g
+        return GeneralProblem(ex, members, chain_nodes, outside, list(edges.items()))
 
 
 def _affine_scale(
@@ -277,44 +297,97 @@ class ClosedFormProblem(LocalProblem):
 
 
 class GeneralProblem(LocalProblem):
-    """φ(θ) = Σ_edges ⟨g_e, chain_e(producer(x; θ))⟩; S_i = ∂²φ/∂θ_i² (module docstring)."""
+    """φ(θ) = Σ_edges ⟨g_e, value_e(θ)⟩; S_i = ∂²φ/∂θ_i² (module docstring).
+
+    The producers (one, or every member of a coupled unit) are re-run on their recorded inputs
+    with parameters θ, and the chain after them in graph order; everything else the chain reads is
+    held at its recorded value. θ of a unit is its members' rows side by side, and the Hessian
+    stays block-diagonal across neurons: every step acts on each channel separately.
+    """
 
     def __init__(
         self,
         ex: Executor,
-        module: nn.Module,
-        producer: fx.Node,
-        x: Tensor,
-        th: Tensor,
+        members: list[tuple[nn.Module, fx.Node, Tensor, Tensor]],
         chain: list[fx.Node],
         outside: dict[fx.Node, Any],
         edges: list[tuple[Any, Tensor]],
     ) -> None:
-        self.n, self.d = th.shape
+        self.n = members[0][3].shape[0]
+        self.d = sum(th.shape[1] for *_, th in members)
+        self.sizes = [th.shape[1] for *_, th in members]
+        producers = {node: (module, x) for module, node, x, _ in members}
+        position = {node: i for i, node in enumerate(members[0][1].graph.nodes)}
+        steps = sorted([*chain, *producers], key=position.__getitem__)
         with torch.enable_grad():
-            self.theta = th.detach().requires_grad_(True)
+            self.thetas = [th.detach().requires_grad_(True) for *_, th in members]
+            by_node = dict(zip(producers, self.thetas, strict=True))
             env = dict(outside)
-            env[producer] = neurons.forward(module, x, self.theta)
-            values = ex.run_chain(chain, env, [node for node, _ in edges])
-            phi = sum((v * g).sum() for v, (_, g) in zip(values, edges, strict=True))
-            (self.grad,) = torch.autograd.grad(phi, self.theta, create_graph=True)
+            for node in steps:
+                if node in producers:
+                    module, x = producers[node]
+                    env[node] = neurons.forward(module, x, by_node[node])
+                    continue
+                args = fx.node.map_arg(node.args, lambda a: env[a])
+                kwargs = fx.node.map_arg(node.kwargs, lambda a: env[a])
+                env[node] = ex.run_node(node, args, kwargs)
+            phi = sum((env[node] * g).sum() for node, g in edges)
+            assert isinstance(phi, Tensor)
+            self.grads = torch.autograd.grad(phi, self.thetas, create_graph=True)
+        self.theta = self.thetas[0]
+        self._batched = True
 
-    def _column(self, v: Tensor, retain: bool = True) -> Tensor:
-        if not self.grad.requires_grad:  # φ linear in θ: no curvature reached autograd
+    def _columns(self, v: Tensor) -> Tensor:
+        """S·v for the columns of ``v`` ``(n, d, m)``: m Hessian-vector products, batched with
+        ``vmap`` in chunks (one at a time where an operation has no batching rule)."""
+        pairs = [(g, t) for g, t in zip(self.grads, self.thetas, strict=True) if g.requires_grad]
+        if not pairs:  # φ linear in θ: no curvature reached autograd
             return torch.zeros_like(v)
-        (out,) = torch.autograd.grad(
-            self.grad, self.theta, v, retain_graph=retain, allow_unused=True
-        )
-        return torch.zeros_like(v) if out is None else out
+        grads, wrt = [g for g, _ in pairs], [t for _, t in pairs]
+        index = [next(i for i, t in enumerate(self.thetas) if t is w) for w in wrt]
+        out = torch.zeros_like(v)
+        offsets = [0, *itertools.accumulate(self.sizes)]
+        chunk = max(1, min(v.shape[2], HVP_CHUNK))
+        for s in range(0, v.shape[2], chunk):
+            cols = v[:, :, s : s + chunk].permute(2, 0, 1)  # (m, n, d)
+            parts = cols.split(self.sizes, dim=2)
+            got: tuple[Tensor | None, ...] = ()
+            if self._batched:
+                try:
+                    got = torch.autograd.grad(
+                        grads, wrt, [parts[i].contiguous() for i in index],
+                        retain_graph=True, is_grads_batched=True, allow_unused=True,
+                    )  # fmt: skip
+                except RuntimeError:  # an operation without a batching rule: one at a time
+                    self._batched = False
+            if not self._batched:
+                per = [
+                    torch.autograd.grad(
+                        grads,
+                        wrt,
+                        [parts[i][j] for i in index],
+                        retain_graph=True,
+                        allow_unused=True,
+                    )
+                    for j in range(cols.shape[0])
+                ]
+                got = tuple(
+                    None
+                    if per[0][k] is None
+                    else torch.stack([q[k] for q in per if q[k] is not None])
+                    for k in range(len(wrt))
+                )
+            for i, g in zip(index, got, strict=True):
+                if g is not None:
+                    out[:, offsets[i] : offsets[i + 1], s : s + chunk] = g.permute(1, 2, 0)
+        return out
 
     def matrices(self) -> Tensor:
         eye = torch.eye(self.d, dtype=self.theta.dtype, device=self.theta.device)
-        cols = [self._column(eye[k].expand(self.n, self.d)) for k in range(self.d)]
-        return torch.stack(cols, dim=2)
+        return self._columns(eye.expand(self.n, self.d, self.d))
 
     def hvp(self, v: Tensor) -> Tensor:
-        v = v.to(self.theta.dtype)
-        return torch.stack([self._column(v[:, :, j]) for j in range(v.shape[2])], dim=2)
+        return self._columns(v.to(self.theta.dtype))
 
 
 def _times(base: Tensor, scale: Tensor) -> Tensor:

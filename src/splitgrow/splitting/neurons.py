@@ -13,6 +13,7 @@ has one. Each handler gives:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from splitgrow._attrs import attr, optional_tensor, tensor
+from splitgrow.graph.analyze import LayerInfo
 
 
 class NeuronHandler(Protocol):
@@ -40,6 +42,11 @@ def theta(module: nn.Module) -> Tensor:
     if bias is not None:
         rows = torch.cat([rows, bias.detach().reshape(-1, 1)], dim=1)
     return rows.clone()
+
+
+def unit_theta(info: LayerInfo, modules: Mapping[str, nn.Module]) -> Tensor:
+    """A unit's θ ``(n, d)``: every member's rows, concatenated in graph order."""
+    return torch.cat([theta(modules[m.name]) for m in info.members], dim=1)
 
 
 def unpack(module: nn.Module, th: Tensor) -> dict[str, Tensor]:

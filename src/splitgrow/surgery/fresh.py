@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from splitgrow._attrs import optional_tensor, tensor
 from splitgrow.graph.analyze import analyze
-from splitgrow.surgery.split import GrowthMap, split_with_growth
+from splitgrow.surgery.split import GrowthMap, channel_map, split_with_growth
 
 
 def add_fresh_neurons(
@@ -45,39 +46,41 @@ def add_fresh_neurons(
             plan[name] = (idx, torch.zeros(k, info.d, dtype=torch.float64))
     new, growth = split_with_growth(model, plan, eps=0.0)
     modules = dict(new.named_modules())
+    chosen = {name: idx for name, (idx, _) in plan.items()}
+    per_channel: dict[str, Any] = {}
+    consumers: dict[str, Any] = {}
     pairs = {}
+    for name, (idx, _) in plan.items():
+        info = structure.layers[name]
+        n, k = info.n, int(idx.numel())
+        pairs[name] = list(zip(idx.tolist(), range(n, n + k), strict=True))
+        per_channel.update({c.module: c.segments for c in info.chain if c.module is not None})
+        consumers.update({c.name: c for c in info.consumers})
     with torch.no_grad():
-        for name, (idx, _) in plan.items():
-            info = structure.layers[name]
-            n, k = info.n, int(idx.numel())
-            idx = idx.to(tensor(modules[name], "weight").device)
-            for consumer in info.consumers:
-                weight = tensor(modules[consumer.name], "weight")
-                offsets = torch.arange(consumer.block, device=weight.device)
-                parent_cols = (idx[:, None] * consumer.block + offsets).reshape(-1)
-                fresh = torch.arange(n, n + k, device=weight.device)
-                fresh_cols = (fresh[:, None] * consumer.block + offsets).reshape(-1)
-                weight[:, parent_cols] *= 2.0  # undo the split's halving
-                weight[:, fresh_cols] = 0.0
-            pairs[name] = list(zip(idx.tolist(), range(n, n + k), strict=True))
+        for consumer in consumers.values():
+            weight = tensor(modules[consumer.name], "weight")
+            cols = channel_map(consumer.segments, chosen, weight.device).columns(consumer.block)
+            weight[:, cols.split & ~cols.new] *= 2.0  # undo the split's halving
+            weight[:, cols.new] = 0.0
         for name in plan:
             info = structure.layers[name]
-            n = info.n
-            layer = modules[name]
-            weight = tensor(layer, "weight")
-            bound = 1.0 / math.sqrt(weight[0].numel())  # PyTorch's default init for both
-            weight[n:] = _uniform(weight[n:], bound, generator)
-            bias = optional_tensor(layer, "bias")
-            if bias is not None:
-                bias[n:] = _uniform(bias[n:], bound, generator)
-            for chain_name in info.chain_modules():
-                chain = modules[chain_name]
-                if isinstance(chain, nn.modules.batchnorm._BatchNorm):
-                    for attr, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0),
-                                        ("running_var", 1.0)):  # fmt: skip
-                        t = optional_tensor(chain, attr)
-                        if t is not None:
-                            t[n:] = value
+            for member in info.members:
+                layer = modules[member.name]
+                weight = tensor(layer, "weight")
+                bound = 1.0 / math.sqrt(weight[0].numel())  # PyTorch's default init for both
+                weight[info.n :] = _uniform(weight[info.n :], bound, generator)
+                bias = optional_tensor(layer, "bias")
+                if bias is not None:
+                    bias[info.n :] = _uniform(bias[info.n :], bound, generator)
+        for module, segments in per_channel.items():
+            chain = modules[module]
+            if isinstance(chain, nn.modules.batchnorm._BatchNorm):
+                fresh = channel_map(segments, chosen).new
+                for attr, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0),
+                                    ("running_var", 1.0)):  # fmt: skip
+                    t = optional_tensor(chain, attr)
+                    if t is not None:
+                        t[fresh.to(t.device)] = value
     return new, growth, pairs
 
 

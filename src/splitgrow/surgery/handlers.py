@@ -4,10 +4,11 @@ Verbs, in the manner of Torch-Pruning's handlers:
 
 * ``split_out(module, idx, delta)``: neuron layer; rows ``idx`` become θ + δ and offspring θ − δ
   are appended as new output channels ``n, n+1, …`` (``delta`` is ``(k, d)`` in θ layout);
-* ``duplicate_out(module, idx)``: per-channel module in a chain (BatchNorm, depthwise conv,
-  PReLU); channels ``idx`` are copied to the end;
-* ``duplicate_in(module, idx, block)``: consumer; the input columns of channels ``idx`` (blocks of
-  ``block`` columns after a flatten) are halved and the halves appended at the end.
+* ``gather_out(module, source)``: per-channel module in a chain (BatchNorm, depthwise conv,
+  PReLU); new channel ``j`` is a copy of old channel ``source[j]``;
+* ``gather_in(module, source, scale, block)``: consumer; new input column block ``j`` (``block``
+  columns per channel after a flatten) is old block ``source[j]`` times ``scale[j]`` (½ for both
+  halves of a split channel).
 
 Register a handler for a new module type with :func:`register_surgery`.
 """
@@ -19,15 +20,15 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from splitgrow._attrs import attr, optional_tensor, tensor
+from splitgrow._attrs import optional_tensor, tensor
 
 
 class Surgery(Protocol):
     def split_out(self, module: nn.Module, idx: Tensor, delta: Tensor) -> None: ...
 
-    def duplicate_out(self, module: nn.Module, idx: Tensor) -> None: ...
+    def gather_out(self, module: nn.Module, source: Tensor) -> None: ...
 
-    def duplicate_in(self, module: nn.Module, idx: Tensor, block: int) -> None: ...
+    def gather_in(self, module: nn.Module, source: Tensor, scale: Tensor, block: int) -> None: ...
 
 
 SURGERY: dict[type[nn.Module], Surgery] = {}
@@ -65,8 +66,8 @@ def _set_size(module: nn.Module, name: str, value: int) -> None:
     setattr(module, name, int(value))
 
 
-def _append_rows(t: Tensor, idx: Tensor) -> Tensor:
-    return torch.cat([t, t.index_select(0, idx)], dim=0)
+def _gather_rows(t: Tensor, source: Tensor) -> Tensor:
+    return t.detach().index_select(0, source.to(t.device))
 
 
 def _split_rows(module: nn.Module, idx: Tensor, delta: Tensor) -> None:
@@ -85,12 +86,13 @@ def _split_rows(module: nn.Module, idx: Tensor, delta: Tensor) -> None:
         _replace(module, "bias", torch.cat([b, off]))
 
 
-def _halve_columns(weight: Tensor, idx: Tensor, block: int) -> Tensor:
-    """Halve column blocks ``idx`` of dim 1 and append the halves (weight ``(out, n·block, …)``)."""
+def _gather_columns(weight: Tensor, source: Tensor, scale: Tensor, block: int) -> Tensor:
+    """Column blocks of dim 1 gathered by ``source`` and scaled (weight ``(out, n·block, …)``)."""
     out, cols = weight.shape[0], weight.shape[1]
-    w = weight.detach().reshape(out, cols // block, block, *weight.shape[2:]).clone()
-    w[:, idx] *= 0.5
-    w = torch.cat([w, w.index_select(1, idx)], dim=1)
+    w = weight.detach().reshape(out, cols // block, block, *weight.shape[2:])
+    w = w.index_select(1, source.to(w.device))
+    shape = [1, -1] + [1] * (w.dim() - 2)
+    w = w * scale.to(device=w.device, dtype=w.dtype).reshape(shape)
     return w.reshape(out, -1, *weight.shape[2:])
 
 
@@ -100,12 +102,13 @@ class LinearSurgery:
         _split_rows(module, idx, delta)
         _set_size(module, "out_features", tensor(module, "weight").shape[0])
 
-    def duplicate_out(self, module: nn.Module, idx: Tensor) -> None:
+    def gather_out(self, module: nn.Module, source: Tensor) -> None:
         raise ValueError("a Linear layer is not a per-channel operation")
 
-    def duplicate_in(self, module: nn.Module, idx: Tensor, block: int) -> None:
-        _replace(module, "weight", _halve_columns(tensor(module, "weight"), idx, block))
-        _set_size(module, "in_features", tensor(module, "weight").shape[1])
+    def gather_in(self, module: nn.Module, source: Tensor, scale: Tensor, block: int) -> None:
+        weight = _gather_columns(tensor(module, "weight"), source, scale, block)
+        _replace(module, "weight", weight)
+        _set_size(module, "in_features", weight.shape[1])
 
 
 @register_surgery(nn.Conv1d, nn.Conv2d)
@@ -114,19 +117,20 @@ class ConvSurgery:
         _split_rows(module, idx, delta)
         _set_size(module, "out_channels", tensor(module, "weight").shape[0])
 
-    def duplicate_out(self, module: nn.Module, idx: Tensor) -> None:
-        """A depthwise convolution: copy the filters (and biases) of channels ``idx``."""
-        _replace(module, "weight", _append_rows(tensor(module, "weight"), idx))
+    def gather_out(self, module: nn.Module, source: Tensor) -> None:
+        """A depthwise convolution: channel j gets the filter (and bias) of ``source[j]``."""
+        _replace(module, "weight", _gather_rows(tensor(module, "weight"), source))
         bias = optional_tensor(module, "bias")
         if bias is not None:
-            _replace(module, "bias", _append_rows(bias, idx))
+            _replace(module, "bias", _gather_rows(bias, source))
         c = tensor(module, "weight").shape[0]
         for name in ("in_channels", "out_channels", "groups"):
             _set_size(module, name, c)
 
-    def duplicate_in(self, module: nn.Module, idx: Tensor, block: int) -> None:
-        _replace(module, "weight", _halve_columns(tensor(module, "weight"), idx, block))
-        _set_size(module, "in_channels", tensor(module, "weight").shape[1])
+    def gather_in(self, module: nn.Module, source: Tensor, scale: Tensor, block: int) -> None:
+        weight = _gather_columns(tensor(module, "weight"), source, scale, block)
+        _replace(module, "weight", weight)
+        _set_size(module, "in_channels", weight.shape[1])
 
 
 @register_surgery(nn.BatchNorm1d, nn.BatchNorm2d)
@@ -134,14 +138,14 @@ class BatchNormSurgery:
     def split_out(self, module: nn.Module, idx: Tensor, delta: Tensor) -> None:
         raise ValueError("BatchNorm holds no neurons")
 
-    def duplicate_out(self, module: nn.Module, idx: Tensor) -> None:
+    def gather_out(self, module: nn.Module, source: Tensor) -> None:
         for name in ("weight", "bias", "running_mean", "running_var"):
             value = optional_tensor(module, name)
             if value is not None:
-                _replace(module, name, _append_rows(value, idx))
-        _set_size(module, "num_features", attr(module, "num_features") + int(idx.numel()))
+                _replace(module, name, _gather_rows(value, source))
+        _set_size(module, "num_features", int(source.numel()))
 
-    def duplicate_in(self, module: nn.Module, idx: Tensor, block: int) -> None:
+    def gather_in(self, module: nn.Module, source: Tensor, scale: Tensor, block: int) -> None:
         raise ValueError("BatchNorm is not a consumer")
 
 
@@ -150,9 +154,9 @@ class PReLUSurgery:
     def split_out(self, module: nn.Module, idx: Tensor, delta: Tensor) -> None:
         raise ValueError("PReLU holds no neurons")
 
-    def duplicate_out(self, module: nn.Module, idx: Tensor) -> None:
-        _replace(module, "weight", _append_rows(tensor(module, "weight"), idx))
+    def gather_out(self, module: nn.Module, source: Tensor) -> None:
+        _replace(module, "weight", _gather_rows(tensor(module, "weight"), source))
         _set_size(module, "num_parameters", tensor(module, "weight").shape[0])
 
-    def duplicate_in(self, module: nn.Module, idx: Tensor, block: int) -> None:
+    def gather_in(self, module: nn.Module, source: Tensor, scale: Tensor, block: int) -> None:
         raise ValueError("PReLU is not a consumer")

@@ -23,10 +23,9 @@ CARRY_MODES = ("copy", "reset")
 def _grow(value: Tensor, like: Tensor, growths: list[Any], fresh: bool = False) -> Tensor:
     value = value.clone()  # never share state with the old optimizer
     for g in growths:
-        old = value.shape[g.dim]
         value = value.index_select(g.dim, g.source.to(value.device))
         if fresh:
-            value.narrow(g.dim, old, value.shape[g.dim] - old).zero_()
+            value.index_fill_(g.dim, g.new.nonzero().flatten().to(value.device), 0)
     if value.shape != like.shape:
         raise ValueError(
             f"optimizer state of shape {tuple(value.shape)} does not fit {tuple(like.shape)}"

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from splitgrow.graph.analyze import LayerInfo, analyze
+from splitgrow.graph.analyze import LayerInfo, Segments, analyze
 from splitgrow.surgery.handlers import surgery_for
 
 Plan = Mapping[str, tuple[Tensor, Tensor]]
@@ -60,14 +60,65 @@ def _check_entry(
 @dataclass(frozen=True)
 class Growth:
     """How one parameter or buffer grew: along ``dim``, new slot ``j`` copies old slot
-    ``source[j]`` (the first ``old size`` slots are the old ones, in order)."""
+    ``source[j]``; ``new[j]`` says whether slot ``j`` is an added one (an offspring)."""
 
     dim: int
     source: Tensor
+    new: Tensor
 
 
 #: ``{qualified parameter or buffer name: growths, in the order they were applied}``
 GrowthMap = dict[str, list[Growth]]
+
+
+@dataclass(frozen=True)
+class ChannelMap:
+    """Where every channel of a tensor comes from after a split (:func:`channel_map`).
+
+    Attributes:
+        source: ``(new size,)`` old channel of each new channel.
+        new: ``(new size,)`` ``True`` for the appended offspring channels.
+        split: ``(new size,)`` ``True`` for both channels of a split pair (halved in consumers).
+    """
+
+    source: Tensor
+    new: Tensor
+    split: Tensor
+
+    def columns(self, block: int) -> ChannelMap:
+        """The same map over a consumer's input columns, ``block`` per channel."""
+        offsets = torch.arange(block, device=self.source.device)
+        return ChannelMap(
+            (self.source[:, None] * block + offsets).reshape(-1),
+            self.new.repeat_interleave(block),
+            self.split.repeat_interleave(block),
+        )
+
+
+def channel_map(
+    segments: Segments, chosen: Mapping[str, Tensor], device: torch.device | None = None
+) -> ChannelMap:
+    """The new channel order of a tensor made of ``segments`` when the units ``chosen`` split.
+
+    Each block keeps its old channels in order, then gets the offspring of its split channels, so
+    that a concatenation's later blocks shift but stay together.
+    """
+    source, new, split = [], [], []
+    offset = 0
+    for name, size in segments:
+        source.append(torch.arange(offset, offset + size, device=device))
+        new.append(torch.zeros(size, dtype=torch.bool, device=device))
+        halved = torch.zeros(size, dtype=torch.bool, device=device)
+        split.append(halved)
+        idx = chosen.get(name)
+        if idx is not None and idx.numel():
+            idx = idx.to(device)
+            halved[idx] = True
+            source.append(offset + idx)
+            new.append(torch.ones(idx.numel(), dtype=torch.bool, device=device))
+            split.append(torch.ones(idx.numel(), dtype=torch.bool, device=device))
+        offset += size
+    return ChannelMap(torch.cat(source), torch.cat(new), torch.cat(split))
 
 
 def split_neurons(
@@ -79,8 +130,11 @@ def split_neurons(
     θ_i + ε·v and gains an offspring θ_i − ε·v, appended as output channel ``n + j`` (j-th listed).
     Every consumer's input columns of channel i (a whole block after a flatten) are halved and
     duplicated; BatchNorm parameters and running statistics, depthwise filters and PReLU slopes are
-    copied. At ε = 0 the new model computes the same function. When a layer and its consumer are
-    both split, the rows are split first, then the columns halved (in all rows).
+    copied. A unit of coupled layers (a residual stream) splits row i of every member, with the
+    member's slice of the direction; after a concatenation the copy sits at the end of its
+    input's block of channels. At ε = 0 the new model computes the same function. When a layer
+    and its consumer are both split, the rows are split first, then the columns halved (in all
+    rows).
 
     Args:
         model: the model; it is not modified.
@@ -118,38 +172,42 @@ def split_with_growth(
     new = copy.deepcopy(model)
     modules = dict(new.named_modules())
     growth: GrowthMap = {}
+    chosen = {name: idx for name, (_, idx, _) in entries.items()}
 
-    def grew(module: str, dim: int, source: Tensor) -> None:
+    def grew(module: str, dim: int, cmap: ChannelMap) -> None:
         """Record that every tensor of ``module`` grew along ``dim`` (all of them do)."""
         m = modules[module]
         tensors = [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]
         for tname, value in tensors:
-            if value.dim() > dim and value.shape[dim] == source.numel():
-                growth.setdefault(f"{module}.{tname}", []).append(Growth(dim, source))
+            if value.dim() > dim and value.shape[dim] == cmap.source.numel():
+                growth.setdefault(f"{module}.{tname}", []).append(
+                    Growth(dim, cmap.source, cmap.new)
+                )
 
+    # every per-channel module and consumer once, with the blocks of the channels it sees
+    per_channel: dict[str, Any] = {}
+    consumers: dict[str, Any] = {}
+    for info, _, _ in entries.values():
+        for c in info.chain:
+            if c.module is not None:
+                per_channel[c.module] = c.segments
+        for consumer in info.consumers:
+            consumers[consumer.name] = consumer
     with torch.no_grad():
         for name, (info, idx, delta) in entries.items():
-            surgery_for(modules[name]).split_out(modules[name], idx, delta)
-            grew(name, 0, _rows(info.n, idx))
-        for info, idx, _ in entries.values():
-            for chain_module in info.chain_modules():
-                surgery_for(modules[chain_module]).duplicate_out(modules[chain_module], idx)
-                grew(chain_module, 0, _rows(info.n, idx))
-        for info, idx, _ in entries.values():
-            for consumer in info.consumers:
-                surgery_for(modules[consumer.name]).duplicate_in(
-                    modules[consumer.name], idx, consumer.block
-                )
-                grew(consumer.name, 1, _columns(info.n, idx, consumer.block))
+            for member in info.members:
+                part = delta[:, member.offset : member.offset + member.d]
+                surgery_for(modules[member.name]).split_out(modules[member.name], idx, part)
+                grew(member.name, 0, channel_map(((name, info.n),), chosen, ref.device))
+        for module, segments in per_channel.items():
+            cmap = channel_map(segments, chosen, ref.device)
+            surgery_for(modules[module]).gather_out(modules[module], cmap.source)
+            grew(module, 0, cmap)
+        for consumer in consumers.values():
+            cmap = channel_map(consumer.segments, chosen, ref.device)
+            scale = torch.where(cmap.split, 0.5, 1.0)
+            surgery_for(modules[consumer.name]).gather_in(
+                modules[consumer.name], cmap.source, scale, consumer.block
+            )
+            grew(consumer.name, 1, cmap.columns(consumer.block))
     return new, growth
-
-
-def _rows(n: int, idx: Tensor) -> Tensor:
-    return torch.cat([torch.arange(n, device=idx.device), idx])
-
-
-def _columns(n: int, idx: Tensor, block: int) -> Tensor:
-    offsets = torch.arange(block, device=idx.device)
-    return torch.cat(
-        [torch.arange(n * block, device=idx.device), (idx[:, None] * block + offsets).reshape(-1)]
-    )

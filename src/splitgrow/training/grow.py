@@ -28,7 +28,7 @@ from splitgrow.data import Split
 from splitgrow.graph.analyze import analyze
 from splitgrow.metrics import flops, parameter_count
 from splitgrow.splitting import SplitEigen, splitting_eigen
-from splitgrow.splitting.neurons import theta
+from splitgrow.splitting.neurons import unit_theta
 from splitgrow.strategies.s2d import added_parameters, s2d_select
 from splitgrow.surgery.fresh import add_fresh_neurons
 from splitgrow.surgery.optimizer import CARRY_MODES, carry_state
@@ -332,11 +332,12 @@ def _replay(model: nn.Module, plans: Sequence[Any]) -> nn.Module:
 def _twins(model: nn.Module, pairs: Mapping[str, Sequence[Sequence[int]]]) -> int:
     """Offspring pairs whose incoming weights still have cosine > 0.95."""
     modules = dict(model.named_modules())
+    structure = analyze(model) if any(pairs.values()) else None
     count = 0
     for layer, pp in pairs.items():
-        if not pp:
+        if not pp or structure is None:
             continue
-        rows = theta(modules[layer])
+        rows = unit_theta(structure.layers[layer], modules)
         a = rows[[p for p, _ in pp]]
         b = rows[[o for _, o in pp]]
         cos = torch.nn.functional.cosine_similarity(a, b, dim=1)
@@ -723,7 +724,8 @@ def _select(
     else:
         plan = {k: (idx, eig[k].vectors[idx]) for k, idx in chosen.items()}
     norms = {
-        k: theta(modules[k])[idx].norm(dim=1).to(eig[k].vectors.dtype) for k, idx in chosen.items()
+        k: unit_theta(structure.layers[k], modules)[idx].norm(dim=1).to(eig[k].vectors.dtype)
+        for k, idx in chosen.items()
     }
     if cfg.directions == "net2net":
         eps: dict[str, Any] = {k: NET2NET_NOISE * norms[k] for k in plan}
@@ -755,11 +757,10 @@ def _added(
     total = sum(costs[k] * int(v.numel()) for k, v in chosen.items())
     for k, v in chosen.items():
         for consumer in structure.layers[k].consumers:
-            if consumer.name in chosen:
+            unit = structure.unit_of(consumer.name)
+            if unit in chosen:
                 weight = modules[consumer.name].weight
                 assert isinstance(weight, Tensor)
                 kernel = int(weight[0, 0].numel())
-                total += (
-                    int(v.numel()) * int(chosen[consumer.name].numel()) * consumer.block * kernel
-                )
+                total += int(v.numel()) * int(chosen[unit].numel()) * consumer.block * kernel
     return total
