@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from splitgrow import data as datasets
+from splitgrow import distributed as sgdist
 from splitgrow._attrs import first_line
 from splitgrow.compare import METHODS, CompareConfig, check_setting, run_compare
 from splitgrow.graph import analyze
@@ -33,7 +35,7 @@ from splitgrow.models import ACTIVATIONS, MODELS, Architecture, widths_of
 from splitgrow.runs import RunDir, load_model, plot_run
 from splitgrow.toy import run_toy
 from splitgrow.training import GrowConfig, evaluate, grow
-from splitgrow.training.grow import MAX_SETTING
+from splitgrow.training.grow import MAX_SETTING, GrowState
 
 
 class UsageError(Exception):
@@ -278,7 +280,29 @@ def _run_dir(args: argparse.Namespace) -> RunDir:
 def _grow(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.resume is not None:
         args = _saved_args(args.resume, argv, args)
-    device = _device(args.device)
+    if not sgdist.launched() or sgdist.active():  # one process, or a process group already up
+        device = _device(args.device) if not sgdist.active() else _rank_device(args.device)
+        return _grow_on(args, argv, device)
+    device = sgdist.init_from_env(args.device)  # torchrun: gloo on CPU, NCCL on CUDA
+    try:
+        return _grow_on(args, argv, device)
+    finally:
+        sgdist.shutdown()
+
+
+def _rank_device(name: str) -> torch.device:
+    """This process's device when torch.distributed is already initialised (GPU LOCAL_RANK)."""
+    if name == "cpu":
+        return torch.device("cpu")
+    _device(name)
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _grow_on(args: argparse.Namespace, argv: Sequence[str], device: torch.device) -> int:
+    """``splitgrow grow`` in this process (one of several under torchrun: every rank trains and
+    computes, rank 0 alone writes the run directory and prints)."""
+    distributed = sgdist.active() and sgdist.world_size() > 1
+    main = sgdist.is_main()
     data = datasets.load(args.dataset, seed=args.seed, data_dir=args.data_dir)
     spec = MODELS[args.model]
     arch = Architecture(
@@ -310,46 +334,70 @@ def _grow(args: argparse.Namespace, argv: Sequence[str]) -> int:
         budget_params=args.budget_params,
         budget_flops=args.budget_flops,
         seed=args.seed,
-        progress=True,
+        progress=main,
     )
     torch.manual_seed(args.seed)
     model = arch.build().to(device)
     _check_against_model(model, config)
     loss_fn = _loss(data.task)
-    state = None
+    state: GrowState | None = None
+    folder: Path | None = None
     if args.resume is not None:
-        run = RunDir(args.resume)
-        latest = run.latest_state()  # a bad checkpoint raises ValueError: exit 2, nothing lost
-        if latest is not None:
-            state, folder = latest
-            if state.config != config.to_json():
+        resume_dir = Path(args.resume)
+
+        def newest_state() -> tuple[GrowState, Path] | None:
+            # a bad checkpoint raises ValueError: exit 2, nothing lost
+            found = RunDir(resume_dir).latest_state()
+            if found is not None and found[0].config != config.to_json():
                 raise UsageError(
-                    f"--resume {run.path}: checkpoint {folder} was made with other settings "
-                    f"than {run.path / 'config.json'}"
+                    f"--resume {resume_dir}: checkpoint {found[1]} was made with other settings "
+                    f"than {resume_dir / 'config.json'}"
                 )
-            print(
-                f"resuming {run.path} from {folder} (round {state.round}, "
-                f"{state.phase.epoch} epochs into its phase)",
-                file=sys.stderr,
-            )
-        run.rewrite_log(state.history if state else [])
+            return found
+
+        # under torchrun rank 0 reads the checkpoint and hands it to every rank
+        found = sgdist.from_main(newest_state) if distributed else newest_state()
+        if found is not None:
+            state, folder = found
+            if main:
+                print(
+                    f"resuming {resume_dir} from {folder} (round {state.round}, "
+                    f"{state.phase.epoch} epochs into its phase)",
+                    file=sys.stderr,
+                )
+        out = resume_dir
+        if main:
+            RunDir(out).rewrite_log(state.history if state else [])
     else:
-        # the run directory is created only once the arguments are known to be good
-        run = _run_dir(args)
-        cli = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        run.write_json(
-            "config.json",
-            {
-                "argv": ["grow", *argv],
-                "cli": cli,
-                "architecture": arch.to_json(),
-                "grow": config.to_json(),
-            },
-        )
+
+        def create() -> Path:
+            # the run directory is created only once the arguments are known to be good
+            made = _run_dir(args)
+            cli = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+            made.write_json(
+                "config.json",
+                {
+                    "argv": ["grow", *argv],
+                    "cli": cli,
+                    "architecture": arch.to_json(),
+                    "grow": config.to_json(),
+                },
+            )
+            return made.path
+
+        out = sgdist.from_main(create) if distributed else create()
+    run = RunDir(out) if main else None  # only rank 0 writes
 
     def on_record(record: dict[str, Any], trained: torch.nn.Module) -> None:
-        run.log(record)
-        run.save_model(trained, arch.with_widths(widths_of(trained)), f"round{record['round']}")
+        if run is not None:
+            if record.get("checksums_agree") is False:
+                print(
+                    f"splitgrow: warning: after round {record['round']}'s split the processes "
+                    "hold different parameters; DDP continues from rank 0's",
+                    file=sys.stderr,
+                )
+            run.log(record)
+            run.save_model(trained, arch.with_widths(widths_of(trained)), f"round{record['round']}")
 
     try:
         result = grow(
@@ -361,20 +409,25 @@ def _grow(args: argparse.Namespace, argv: Sequence[str]) -> int:
             config=config,
             on_record=on_record,
             resume=state,
-            on_checkpoint=run.save_state,
+            on_checkpoint=None if run is None else run.save_state,
             checkpoint_steps=args.checkpoint_every,
+            distributed=distributed,
         )
     except ValueError as exc:
         if state is not None and str(exc).startswith("resume:"):  # name the checkpoint
             raise ValueError(f"checkpoint {folder}: {str(exc)[len('resume: ') :]}") from exc
         raise
     except KeyboardInterrupt:
-        print(
-            f"splitgrow: interrupted; continue with: splitgrow grow --resume {run.path}",
-            file=sys.stderr,
-        )
+        if main:
+            print(
+                f"splitgrow: interrupted; continue with: splitgrow grow --resume {out}",
+                file=sys.stderr,
+            )
         return 130
     seconds = result.history[-1]["seconds"] if result.history else 0.0
+    code = 1 if result.stopped == "non-finite" else 0
+    if run is None:  # another rank than 0: rank 0 reports
+        return code
     test = evaluate(result.model, _on(data.test.batches(512), device), loss_fn, data.task)
     final_arch = arch.with_widths(widths_of(result.model))
     run.save_model(result.model, final_arch)
@@ -385,6 +438,7 @@ def _grow(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "test": test,
         "seconds": seconds,
         "stopped": result.stopped,
+        "world_size": sgdist.world_size(),
         "history": result.history,
     }
     run.write_json("results.json", results)
@@ -404,8 +458,7 @@ def _grow(args: argparse.Namespace, argv: Sequence[str]) -> int:
             f"before it{kept}; try a smaller --lr",
             file=sys.stderr,
         )
-        return 1
-    return 0
+    return code
 
 
 def _check_against_model(model: torch.nn.Module, config: GrowConfig) -> None:
@@ -431,6 +484,11 @@ def _check_against_model(model: torch.nn.Module, config: GrowConfig) -> None:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    if sgdist.launched():
+        raise UsageError(
+            "splitgrow compare does not run under torchrun yet (WORLD_SIZE="
+            f"{os.environ['WORLD_SIZE']}); run it as one process"
+        )
     _device(args.device)
     config = CompareConfig(
         dataset=args.dataset, model=args.model, widths=args.widths, activation=args.activation,

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, fx, nn
 from tqdm.auto import tqdm
 
+from splitgrow import distributed as sgdist
 from splitgrow._attrs import eval_mode
 from splitgrow.graph.analyze import ModelStructure, analyze
 from splitgrow.splitting.activations import DEFAULT_SURROGATE_BETA, describe_surrogate
@@ -111,6 +112,7 @@ def splitting_eigen(
     max_passes: int = 64,
     seed: int = 0,
     progress: bool = False,
+    distributed: bool = False,
 ) -> dict[str, SplitEigen]:
     """Every neuron's splitting eigenpairs (DESIGN.md §1), keyed by layer name.
 
@@ -137,6 +139,10 @@ def splitting_eigen(
         max_passes: fast route: most data passes.
         seed: fast route: seed of the random initial vectors.
         progress: show a progress bar over the batches (on a terminal; not in logs).
+        distributed: every process of torch.distributed's default group calls this together,
+            each with its own share of the data (every process at least one batch): the
+            statistics are summed over the processes (all-reduce) before they are divided by the
+            number of samples, so each gets the eigenpairs of the union of the shares.
 
     Returns:
         ``{layer name: SplitEigen}`` in graph order.
@@ -150,6 +156,7 @@ def splitting_eigen(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    sgdist.require(distributed, "splitting_eigen")
     _check_choice("method", method, METHODS)
     _check_choice("which", which, WHICH)
     _check_choice("batchnorm", batchnorm, BATCHNORM_MODES)
@@ -197,11 +204,15 @@ def splitting_eigen(
     with eval_mode(model):
         exact_names = [k for k, v in chosen.items() if v == "exact"]
         matrices, samples = _data_pass(
-            executor, recipes, loss_fn, data, device, exact_names, solvers, dtype, progress
-        )
+            executor, recipes, loss_fn, data, device, exact_names, solvers, dtype, progress,
+            distributed,
+        )  # fmt: skip
         passes = 1
         while any(not s.converged for s in solvers.values()) and passes < max_passes:
-            _data_pass(executor, recipes, loss_fn, data, device, [], solvers, dtype, progress)
+            _data_pass(
+                executor, recipes, loss_fn, data, device, [], solvers, dtype, progress,
+                distributed,
+            )  # fmt: skip
             passes += 1
 
     surrogate = describe_surrogate(surrogate_beta)
@@ -265,8 +276,10 @@ def _data_pass(
     solvers: dict[str, BlockSubspace],
     dtype: torch.dtype,
     progress: bool,
+    distributed: bool = False,
 ) -> tuple[dict[str, Tensor], int]:
-    """One pass over the data: accumulate exact matrices and the solvers' products S·V."""
+    """One pass over the data: accumulate exact matrices and the solvers' products S·V
+    (summed over the processes when ``distributed``)."""
     active = {k: s for k, s in solvers.items() if not s.converged}
     wanted = [recipes[k] for k in (*exact_names, *active)]
     taps: list[fx.Node] = [t for r in wanted for t in r.taps()]
@@ -311,6 +324,8 @@ def _data_pass(
             sums[name] = contrib if name not in sums else sums[name] + contrib
         total += size
         del problems, kept, leaves, grads, grad_by_node
+    if distributed:
+        total = sgdist.sum_statistics(sums, total, device)
     if total == 0:
         raise ValueError("batches is empty: at least one (input, target) pair is needed")
     for name, solver in active.items():

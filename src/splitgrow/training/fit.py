@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from splitgrow import distributed as sgdist
 from splitgrow import faults
 from splitgrow._attrs import eval_mode, first_line
 
@@ -165,6 +166,7 @@ def train_phase(
     on_checkpoint: Callable[[Phase], Any] | None = None,
     checkpoint_steps: int | None = None,
     after_backward: Callable[[], Any] | None = None,
+    distributed: bool = False,
 ) -> Phase:
     """Train for up to ``epochs`` epochs; the learning rate follows ``schedule`` within the phase.
 
@@ -185,6 +187,12 @@ def train_phase(
         checkpoint_steps: see ``on_checkpoint`` (``None``: at epoch ends only).
         after_backward: called between each backward pass and its optimizer step (to add a
             penalty's gradient, as network slimming does).
+        distributed: every process of torch.distributed's default group calls this together
+            with the same batches: each trains on its contiguous share of every batch with the
+            model wrapped in ``DistributedDataParallel`` for the phase, each share's loss weighed
+            by its size so that the averaged gradient is the whole batch's mean gradient; the
+            losses (and a non-finite one) are summed over the processes, so every process takes
+            the same decisions, and rank 0's buffers are broadcast when the phase ends.
 
     A non-finite loss stops the phase at once (``Phase.stopped == "non-finite"``, and
     ``Phase.non_finite`` says where): the step that produced it is not taken and the model's
@@ -204,6 +212,8 @@ def train_phase(
     base = phase.base_lrs
     if phase.stopped:  # resumed after the phase had ended
         return phase
+    sgdist.require(distributed, "train_phase")
+    net = sgdist.ddp(model) if distributed else model
     model.train()
     bar = tqdm(
         total=epochs,
@@ -222,18 +232,30 @@ def train_phase(
                     for g, lr in zip(optimizer.param_groups, base, strict=True):
                         g["lr"] = 0.5 * lr * (1 + math.cos(math.pi * phase.step / total_steps))
                 optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model(x), y)
-                if not bool(torch.isfinite(loss)):
+                if distributed:
+                    n = len(y)
+                    x, y, share = sgdist.shard_batch(x, y)
+                loss = loss_fn(net(x), y)
+                if distributed:
+                    loss_sum, count = sgdist.sum_loss(loss, share)
+                    finite = math.isfinite(loss_sum)
+                else:
+                    finite = bool(torch.isfinite(loss))
+                if not finite:
                     phase.stopped = "non-finite"
                     phase.non_finite = {"epoch": phase.epoch, "batch": phase.batch}
                     model.load_state_dict(snapshot)
                     break
-                loss.backward()
+                if distributed:  # DDP averages: weigh each share by its size
+                    (loss * (share * sgdist.world_size() / n)).backward()
+                else:
+                    loss.backward()
+                    loss_sum, count = float(loss.detach()) * len(y), len(y)
                 if after_backward is not None:
                     after_backward()
                 optimizer.step()
-                phase.loss_sum += float(loss.detach()) * len(y)
-                phase.count += len(y)
+                phase.loss_sum += loss_sum
+                phase.count += count
                 phase.step += 1
                 phase.batch += 1
                 faults.reached("step")
@@ -272,6 +294,8 @@ def train_phase(
                 break
     finally:
         bar.close()
+    if distributed:
+        sgdist.sync_buffers(model)
     if not phase.stopped:  # epochs == 0
         phase.stopped = "epochs"
     for g, lr in zip(optimizer.param_groups, base, strict=True):

@@ -22,11 +22,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from splitgrow import distributed as sgdist
 from splitgrow import faults
 from splitgrow.data import Split
 from splitgrow.graph.analyze import analyze
 from splitgrow.metrics import flops, parameter_count
-from splitgrow.splitting import splitting_eigen
+from splitgrow.splitting import SplitEigen, splitting_eigen
 from splitgrow.splitting.neurons import unit_theta
 from splitgrow.strategies.s2d import added_parameters, s2d_select
 from splitgrow.surgery.fresh import add_fresh_neurons
@@ -356,6 +357,7 @@ def grow(
     resume: GrowState | None = None,
     on_checkpoint: Callable[[GrowState], Any] | None = None,
     checkpoint_steps: int | None = None,
+    distributed: bool = False,
 ) -> GrowResult:
     """Grow ``model`` by splitting steepest descent (module docstring).
 
@@ -378,6 +380,15 @@ def grow(
             never after a non-finite loss, so that the last checkpoint stays the last good one.
             The state's tensors are the live ones: save them before returning.
         checkpoint_steps: see ``on_checkpoint``.
+        distributed: every process of torch.distributed's default group calls ``grow``
+            together, with the same model, data and config (and ``resume``). Each training batch
+            is shared among the processes and the model trained under
+            ``DistributedDataParallel`` (``config.batch_size`` is the batch of all processes
+            together); the splitting statistics are summed over the processes' shares of the
+            splitting data; rank 0 selects the neurons and ε and broadcasts its plan; every
+            process applies it, and each split's record says under ``checksums_agree`` whether
+            every process then holds the same parameters and buffers. The callbacks run on every
+            process: write files from rank 0 only.
 
     Returns:
         The final model, the history (one record per phase: parameters, FLOPs, train loss,
@@ -391,10 +402,15 @@ def grow(
             of another config or model.
     """
     cfg = config or GrowConfig()
+    sgdist.require(distributed, "grow")
     check_data(train_data, model, task, "train_data")
     if val_data:
         check_data(val_data, model, task, "val_data")
     split = Split(torch.cat([b[0] for b in train_data]), torch.cat([b[1] for b in train_data]))
+    if distributed and len(split) < sgdist.world_size():
+        raise ValueError(
+            f"train_data has {len(split)} samples, fewer than the {sgdist.world_size()} processes"
+        )
 
     def batches_of(rnd: int) -> Callable[[int], list[Batch]]:
         def epoch(e: int) -> list[Batch]:
@@ -412,6 +428,12 @@ def grow(
             n += len(eigen_data[-1][1])
             if n >= cfg.eigen_samples:
                 break
+    # each process computes the splitting statistics over its share (summed over processes)
+    eigen_share = (
+        sgdist.shard_samples(eigen_data, sgdist.rank(), sgdist.world_size())
+        if distributed
+        else eigen_data
+    )
     device = example.device
     history: list[dict[str, Any]] = []
     plans: list[dict[str, list[int]]] = []
@@ -475,7 +497,7 @@ def grow(
         phase = train_phase(
             model, optimizer, batches_of(rnd), loss_fn, epochs=epochs, schedule=cfg.schedule,
             plateau=cfg.plateau, progress=cfg.progress, resume=phase_state,
-            on_checkpoint=checkpoint, checkpoint_steps=checkpoint_steps,
+            on_checkpoint=checkpoint, checkpoint_steps=checkpoint_steps, distributed=distributed,
         )  # fmt: skip
         phase_state = None
         record: dict[str, Any] = {
@@ -498,7 +520,9 @@ def grow(
         elif not last:
             gen.manual_seed(_seed(cfg.seed, -3, rnd))
             record["start_params"] = history[0]["params"] if history else record["params"]
-            outcome = _split_round(model, cfg, loss_fn, eigen_data, record, gen)
+            outcome = _split_round(
+                model, cfg, loss_fn, eigen_data, record, gen, eigen_share, distributed
+            )
             del record["start_params"]
             if isinstance(outcome, str):
                 ended = outcome
@@ -509,6 +533,8 @@ def grow(
                     fresh=cfg.directions == "fresh",
                 )  # fmt: skip
                 model = outcome.model
+                if distributed:  # every process must now hold the same model
+                    record["checksums_agree"] = sgdist.all_agree(sgdist.checksum(model))
                 plans.append({k: [p for p, _ in v] for k, v in outcome.pairs.items()})
                 for layer, new_pairs in outcome.pairs.items():
                     pairs.setdefault(layer, []).extend([list(p) for p in new_pairs])
@@ -524,6 +550,18 @@ def grow(
         stopped = ended or "rounds"
         checkpoint(phase, stopped)
     return GrowResult(model, history, stopped)
+
+
+_BY_EIGEN = object()  # _scheduled: the eigenpairs decide this round
+
+
+@dataclass
+class _Plan:
+    """What a round grows: new neurons per layer (``fresh``), or a split plan and its ε."""
+
+    fresh: dict[str, int] | None = None
+    split: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # (indices, directions)
+    eps: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -542,47 +580,107 @@ def _split_round(
     eigen_data: Sequence[Batch],
     record: dict[str, Any],
     gen: torch.Generator,
+    eigen_share: Sequence[Batch] | None = None,
+    distributed: bool = False,
 ) -> _Split | str | None:
     """Compute eigenpairs, select and split (recorded in ``record``), say why growth stops, or
-    (``None``) skip this round."""
+    (``None``) skip this round.
+
+    With ``distributed``, every process computes the eigenpairs over its ``eigen_share`` of
+    ``eigen_data`` (summed over the processes); rank 0 alone selects the neurons and ε (the line
+    search probes the first batch of ``eigen_data``) and broadcasts its plan and record; every
+    process applies that plan.
+    """
+    plan = _scheduled(model, cfg, record)
+    if plan is _BY_EIGEN:
+        eig = splitting_eigen(
+            model, loss_fn, eigen_data if eigen_share is None else eigen_share,
+            method=cfg.method, batchnorm=cfg.batchnorm, surrogate_beta=cfg.surrogate_beta,
+            seed=cfg.seed, distributed=distributed,
+        )  # fmt: skip
+        faults.reached("split")
+        record["lambda_min"] = {
+            k: {
+                "min": float(e.values.min()),
+                "median": float(e.values.median()),
+                "negative": int((e.values < 0).sum()),
+            }
+            for k, e in eig.items()
+        }
+        if distributed:
+            device = next(model.parameters()).device
+            plan, rank0 = sgdist.from_main(
+                lambda: (_select(model, cfg, loss_fn, eigen_data, record, gen, eig), record),
+                device,
+            )
+            record.update(rank0)
+        else:
+            plan = _select(model, cfg, loss_fn, eigen_data, record, gen, eig)
+    if not isinstance(plan, _Plan):
+        return plan
+    if plan.fresh is not None:
+        new, growth, pairs = add_fresh_neurons(model, plan.fresh, generator=gen)
+        record["split"] = dict(plan.fresh)
+        return _Split(new, growth, pairs)
+    layers = analyze(model).layers
+    widths = {k: layers[k].n for k in plan.split}
+    new, growth = split_with_growth(model, plan.split, eps=plan.eps)
+    record["split"] = {k: int(idx.numel()) for k, (idx, _) in plan.split.items()}
+    return _Split(
+        new,
+        growth,
+        {
+            k: list(zip(idx.tolist(), range(widths[k], widths[k] + idx.numel()), strict=True))
+            for k, (idx, _) in plan.split.items()
+        },
+    )
+
+
+def _scheduled(model: nn.Module, cfg: GrowConfig, record: dict[str, Any]) -> Any:
+    """The decisions made before any eigenpair: why growth stops (a budget is reached, a fixed
+    schedule ran out), ``None`` (a round the schedule skips), a :class:`_Plan` of the schedule's
+    new neurons, or ``_BY_EIGEN`` (the eigenpairs decide)."""
     params = record["params"]
     if cfg.budget_params is not None and params >= cfg.budget_params:
         return "budget"
     if cfg.budget_flops is not None and record["flops"] >= cfg.budget_flops:
         return "budget"
-    if cfg.counts is not None:  # a fixed schedule (grow-fresh with another run's counts)
-        rnd = int(record["round"])
-        if rnd >= len(cfg.counts):
-            return "schedule"
-        counts = {k: v for k, v in cfg.counts[rnd].items() if v}
-        if counts and cfg.budget_params is not None:  # never past the budget
-            structure = analyze(model)
-            modules = dict(model.named_modules())
-            costs = {k: added_parameters(structure.require(k), modules) for k in counts}
-            while counts:
-                as_idx = {k: torch.arange(v) for k, v in counts.items()}
-                if params + _added(as_idx, structure, modules, costs) <= cfg.budget_params:
-                    break
-                top = max(counts, key=lambda k: counts[k])
-                counts[top] -= 1
-                counts = {k: v for k, v in counts.items() if v}
-        if not counts:
-            record["split"] = {}
-            return None  # a round the schedule (or the budget) skips
-        return _fresh(model, counts, gen, record)
-    eig = splitting_eigen(
-        model, loss_fn, eigen_data, method=cfg.method, batchnorm=cfg.batchnorm,
-        surrogate_beta=cfg.surrogate_beta, seed=cfg.seed,
-    )  # fmt: skip
-    faults.reached("split")
-    record["lambda_min"] = {
-        k: {
-            "min": float(e.values.min()),
-            "median": float(e.values.median()),
-            "negative": int((e.values < 0).sum()),
-        }
-        for k, e in eig.items()
-    }
+    if cfg.counts is None:
+        return _BY_EIGEN
+    # a fixed schedule (grow-fresh with another run's counts)
+    rnd = int(record["round"])
+    if rnd >= len(cfg.counts):
+        return "schedule"
+    counts = {k: v for k, v in cfg.counts[rnd].items() if v}
+    if counts and cfg.budget_params is not None:  # never past the budget
+        structure = analyze(model)
+        modules = dict(model.named_modules())
+        costs = {k: added_parameters(structure.require(k), modules) for k in counts}
+        while counts:
+            as_idx = {k: torch.arange(v) for k, v in counts.items()}
+            if params + _added(as_idx, structure, modules, costs) <= cfg.budget_params:
+                break
+            top = max(counts, key=lambda k: counts[k])
+            counts[top] -= 1
+            counts = {k: v for k, v in counts.items() if v}
+    if not counts:
+        record["split"] = {}
+        return None  # a round the schedule (or the budget) skips
+    return _Plan(fresh=counts)
+
+
+def _select(
+    model: nn.Module,
+    cfg: GrowConfig,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    eigen_data: Sequence[Batch],
+    record: dict[str, Any],
+    gen: torch.Generator,
+    eig: Mapping[str, SplitEigen],
+) -> _Plan | str | None:
+    """The neurons to split, their directions and ε from the eigenpairs (recorded in
+    ``record``), why growth stops, or ``None`` (skip this round); never mutates ``model``."""
+    params = record["params"]
     structure = analyze(model)
     modules = dict(model.named_modules())
     widths = {k: structure.layers[k].n for k in eig}
@@ -616,7 +714,7 @@ def _split_round(
             return None  # this round's share of the budget is spent; later rounds get more
         return "budget" if budget is not None and unstable else "stable"
     if cfg.directions == "fresh":
-        return _fresh(model, {k: int(v.numel()) for k, v in chosen.items()}, gen, record)
+        return _Plan(fresh={k: int(v.numel()) for k, v in chosen.items()})
     if cfg.directions in ("random", "net2net"):  # baselines: same neurons, random directions
         vectors = {}
         for k, idx in chosen.items():
@@ -647,21 +745,7 @@ def _split_round(
             best = min(best, (loss, factor))
         eps = {k: best[1] * norms[k] for k in plan}
         record["eps"] = best[1]
-    new, growth = split_with_growth(model, plan, eps=eps)
-    record["split"] = {k: int(v.numel()) for k, v in chosen.items()}
-    pairs = {
-        k: list(zip(idx.tolist(), range(widths[k], widths[k] + idx.numel()), strict=True))
-        for k, idx in chosen.items()
-    }
-    return _Split(new, growth, pairs)
-
-
-def _fresh(
-    model: nn.Module, counts: dict[str, int], gen: torch.Generator, record: dict[str, Any]
-) -> _Split:
-    new, growth, pairs = add_fresh_neurons(model, counts, generator=gen)
-    record["split"] = dict(counts)
-    return _Split(new, growth, pairs)
+    return _Plan(split=plan, eps=eps)
 
 
 def _added(
