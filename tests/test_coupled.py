@@ -85,6 +85,51 @@ class Dense(nn.Module):
         return self.fc(torch.flatten(F.avg_pool2d(h, 2), 1))
 
 
+class MLPCat(nn.Module):
+    """2-D Linear outputs concatenated along dimension 1 (their features)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(5, 3)
+        self.b = nn.Linear(5, 2)
+        self.c = nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c(torch.cat([torch.tanh(self.a(x)), torch.tanh(self.b(x))], dim=1))
+
+
+class ResMLPBN(nn.Module):
+    """A residual MLP block with BatchNorm1d on the branch only: a 2-D join of two layouts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(5, 3)
+        self.b = nn.Linear(3, 3)
+        self.bn = nn.BatchNorm1d(3)
+        self.c = nn.Linear(3, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        return self.c(torch.tanh(h + self.bn(self.b(h))))
+
+
+class CatTwice(nn.Module):
+    """One unit concatenated twice: a split copies its BatchNorm channel and columns twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(2, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.c = nn.Conv2d(6, 2, 1)
+        self.fc = nn.Linear(2, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        return self.fc(self.c(F.softplus(self.bn(torch.cat([h, h], 1)))).mean((2, 3)))
+
+
+FLAT_INPUT = ("SelfResidual", "MLPCat", "ResMLPBN")
+
 # (model, unit, its members in graph order)
 CASES = [
     (SmoothResNet, "stem", ["stem", "a2"]),
@@ -95,6 +140,9 @@ CASES = [
     (Dense, "a", ["a"]),
     (Dense, "b", ["b"]),
     (Dense, "c", ["c"]),
+    (MLPCat, "a", ["a"]),
+    (ResMLPBN, "a", ["a", "b"]),
+    (CatTwice, "a", ["a"]),
 ]
 
 
@@ -141,7 +189,9 @@ def test_units_name_their_members_and_consumers() -> None:
 )
 def test_unit_matrices_equal_the_brute_force_hessian(make, unit: str, members: list[str]) -> None:
     model = _randomise(make(), 0)
-    data = [(x.flatten(1)[:, :5], y) for x, y in _data()] if make is SelfResidual else _data()
+    data = _data()
+    if make.__name__ in FLAT_INPUT:
+        data = [(x.flatten(1)[:, :5], y) for x, y in data]
     eig = splitgrow.splitting_eigen(model, _loss, data, which="both")[unit]
     h = split_hessian(model, unit, _loss, data, members=members)
     s = blocks(h)
@@ -188,11 +238,12 @@ def _all_units_plan(model: nn.Module, gen: torch.Generator) -> dict:
     return plan
 
 
-@pytest.mark.parametrize("make", [SmoothResNet, SelfResidual, Gated, Dense])
+@pytest.mark.parametrize("make", [SmoothResNet, SelfResidual, Gated, Dense, MLPCat, ResMLPBN,
+                                  CatTwice])  # fmt: skip
 def test_function_preserved_at_eps_zero(make) -> None:
     model = _randomise(make(), 5)
     x = _data()[0][0]
-    x = x.flatten(1)[:, :5] if make is SelfResidual else x
+    x = x.flatten(1)[:, :5] if make.__name__ in FLAT_INPUT else x
     plan = _all_units_plan(model, torch.Generator().manual_seed(0))
     grown = splitgrow.split_neurons(model, plan, eps=0.0).eval()
     assert sum(p.numel() for p in grown.parameters()) > sum(p.numel() for p in model.parameters())
@@ -226,6 +277,48 @@ def test_registry_variants_preserve_function_and_rebuild(name: str, widths: list
     rebuilt.load_state_dict(grown.state_dict())
     with torch.no_grad():
         assert torch.equal(rebuilt(x), grown(x))
+
+
+def test_added_parameter_cost_counts_every_copy() -> None:
+    """What ``grow`` charges a split against the budget is what the split adds: copies inside a
+    repeated concatenation, and a member reading its own unit (a new row meets a new column)."""
+    import importlib
+
+    from splitgrow.strategies.s2d import added_parameters
+
+    added_by = importlib.import_module("splitgrow.training.grow")._added
+    for make in (SmoothResNet, Dense, CatTwice, MLPCat, ResMLPBN, SelfResidual):
+        model = make()
+        s = splitgrow.analyze(model)
+        modules = dict(model.named_modules())
+        costs = {u: added_parameters(s.layers[u], modules) for u in s.splittable()}
+        for unit in s.splittable():
+            info = s.layers[unit]
+            idx = torch.arange(min(2, info.n))
+            grown = splitgrow.split_neurons(
+                model, {unit: (idx, torch.zeros(len(idx), info.d))}, eps=0.0
+            )
+            added = sum(p.numel() for p in grown.parameters())
+            added -= sum(p.numel() for p in model.parameters())
+            assert added_by({unit: idx}, s, modules, costs) == added, (make.__name__, unit)
+
+
+def test_members_of_a_blocked_unit_say_why() -> None:
+    class StreamOut(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 3)
+            self.b = nn.Linear(3, 3)
+            self.c = nn.Linear(3, 2)
+
+        def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+            h = torch.tanh(self.a(x))
+            y = h + self.b(h)
+            return self.c(torch.tanh(y)), y
+
+    layers = splitgrow.analyze(StreamOut()).layers
+    assert "reach the model output" in layers["a"].reason
+    assert "'a', which cannot be split: its channels reach the model output" in layers["b"].reason
 
 
 def test_fresh_neurons_in_coupled_units_and_concatenations() -> None:

@@ -87,6 +87,17 @@ def test_auto_picks_by_d(monkeypatch: pytest.MonkeyPatch) -> None:
     assert res["c1"].method == "fast" and res["c2"].method == "exact"
 
 
+def test_auto_takes_the_fast_route_for_wide_units(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the general route exact costs d Hessian-vector products: fast above a smaller d."""
+    model, batches = build("functional")  # c3: x·sigmoid(x), the general route, d = 5
+    res = splitgrow.splitting_eigen(model, loss_fn, batches, method="auto")
+    assert res["c3"].route == "general" and res["c3"].method == "exact"
+    monkeypatch.setattr(eigen_module, "AUTO_MAX_D_GENERAL", 4)
+    res = splitgrow.splitting_eigen(model, loss_fn, batches, method="auto")
+    assert res["c3"].method == "fast"
+    assert {e.method for k, e in res.items() if k != "c3"} == {"exact"}
+
+
 @pytest.mark.parametrize("block", [1, 2])
 def test_both_ends_converge_with_small_blocks(block: int) -> None:
     """which="both" grows the space at both ends, not only the minimum."""

@@ -300,7 +300,7 @@ def analyze(model: nn.Module) -> ModelStructure:
             continue
         dead = [d for d in inputs if d.layout is None]
         if dead:  # past a blocking operation: whatever meets it cannot be split either
-            culprit = next(iter(names(*dead)))
+            culprit = sorted(names(*dead))[0]
             units.block(
                 involved - names(*dead),
                 f"{describe(node)} combines its channels with those of '{culprit}', which "
@@ -380,11 +380,10 @@ def _step(
     producers = frozenset(u for d in inputs for u, _ in d.segments)
     assert first.layout is not None
     if node.op == "call_function" and node.target in _CATS:
-        out = _cat(node, desc)
+        out, two_d = _cat(node, desc)
         assert out.layout is not None
-        return out, _Traced(node, StepKind.LINEAR, None, out.layout, first, producers, True, False)
-    if len({d.layout for d in inputs}) > 1:
-        raise Blocked(f"{describe(node)} combines the channels in two different layouts")
+        return out, _Traced(node, StepKind.LINEAR, None, out.layout, first, producers, True, two_d)
+    layout, two_d = _common_layout(node, [d.layout for d in inputs])
     rule = lookup_rule(node, modules)
     if rule is None:
         raise Blocked(f"its channels reach {describe(node)}, which is not a per-channel operation")
@@ -401,7 +400,7 @@ def _step(
             raise Blocked(f"{describe(node)} combines two tensors of channels")
         _couple(node, inputs, units, rank)
     ctx = RuleContext(modules, first.size, desc)
-    step = rule(node, first.layout, ctx)
+    step = rule(node, layout, ctx)
     module_name = None
     if step.copies_module:
         module_name = str(node.target)
@@ -409,8 +408,9 @@ def _step(
             raise Blocked(f"{describe(node)} is called more than once (shared weights)")
     out = _Desc(step.layout, first.segments)
     traced = _Traced(
-        node, step.kind, module_name, step.layout, first, producers, joins, step.assumes_2d
-    )
+        node, step.kind, module_name, step.layout, first, producers, joins,
+        step.assumes_2d or two_d,
+    )  # fmt: skip
     return out, traced
 
 
@@ -436,8 +436,24 @@ def _couple(node: fx.Node, inputs: list[_Desc], units: _Units, rank: dict[str, i
             units.union(a, b, rank)
 
 
-def _cat(node: fx.Node, desc: dict[fx.Node, _Desc]) -> _Desc:
-    """``torch.cat`` of region tensors along the channel dimension: the blocks side by side."""
+_LINEAR_OUT = Layout(None, -1)  # a Linear layer's output, of unknown rank
+_TWO_D = Layout(2, 1)  # a 2-D (batch, features) tensor, e.g. after BatchNorm1d
+
+
+def _common_layout(node: fx.Node, layouts: list[Layout | None]) -> tuple[Layout, bool]:
+    """The layout shared by the inputs of a join, and whether it holds only for 2-D inputs (a
+    Linear output next to a BatchNorm1d output: both are 2-D then, which is checked on data)."""
+    distinct = set(layouts)
+    if len(distinct) == 1 and layouts[0] is not None:
+        return layouts[0], False
+    if distinct == {_LINEAR_OUT, _TWO_D}:
+        return _TWO_D, True
+    raise Blocked(f"{describe(node)} combines the channels in two different layouts")
+
+
+def _cat(node: fx.Node, desc: dict[fx.Node, _Desc]) -> tuple[_Desc, bool]:
+    """``torch.cat`` of region tensors along the channel dimension: the blocks side by side
+    (and whether that holds only for 2-D inputs)."""
     tensors = node.args[0] if node.args else node.kwargs.get("tensors")
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     if not isinstance(tensors, (list, tuple)):
@@ -451,21 +467,24 @@ def _cat(node: fx.Node, desc: dict[fx.Node, _Desc]) -> _Desc:
                 "splittable layer produces"
             )
         parts.append(desc[t])
-    layouts = {d.layout for d in parts}
-    if len(layouts) > 1:
-        raise Blocked(f"{describe(node)} concatenates tensors of different layouts")
-    layout = parts[0].layout
-    assert layout is not None
+    layout, two_d = _common_layout(node, [d.layout for d in parts])
+    if layout.flat:
+        raise Blocked(
+            f"{describe(node)} of flattened maps: concatenate the maps along the channels "
+            "before flattening them"
+        )
+    if layout == _LINEAR_OUT and dim == 1:  # Linear outputs: channels at dim 1 only if 2-D
+        layout, two_d = _TWO_D, True
     channel_dims = {layout.cdim}
     if layout.ndim is not None:
         channel_dims.add(layout.cdim % layout.ndim)
         channel_dims.add(layout.cdim % layout.ndim - layout.ndim)
-    if layout.flat or not isinstance(dim, int) or dim not in channel_dims:
+    if not isinstance(dim, int) or dim not in channel_dims:
         raise Blocked(
             f"{describe(node)} along dimension {dim}, not the channel dimension: it would mix "
             "positions of different channels"
         )
-    return _Desc(layout, tuple(s for d in parts for s in d.segments))
+    return _Desc(layout, tuple(s for d in parts for s in d.segments)), two_d
 
 
 def _units(
@@ -533,4 +552,10 @@ def _units(
             info.splittable = True
         if not info.splittable:
             info.chain, info.consumers = [], []
+    for name, root in roots.items():
+        if root != name and not layers[root].splittable:
+            layers[name].reason = (
+                f"its channels are coupled with those of '{root}', which cannot be split: "
+                f"{layers[root].reason}"
+            )
     return layers

@@ -22,6 +22,9 @@ from splitgrow.splitting.solvers import WHICH, BlockSubspace, extreme_eigenpairs
 METHODS = ("exact", "fast", "auto")
 #: ``method="auto"`` uses the exact route while d is at most this and the matrices fit the budget
 AUTO_MAX_D = 512
+#: ... but on the general route, whose exact matrices cost d Hessian-vector products per batch
+#: where the fast route needs about ``block`` per data pass, only while d is at most this
+AUTO_MAX_D_GENERAL = 64
 AUTO_MAX_BYTES = 1 << 30
 #: ``method="exact"`` refuses a layer whose n matrices of d×d would take more than this
 EXACT_MAX_BYTES = 8 << 30
@@ -127,7 +130,8 @@ def splitting_eigen(
             over all samples: each batch weighs by its size.
         method: ``"exact"`` (full matrices, batched ``eigh``), ``"fast"`` (block subspace
             iteration on Hessian-vector products) or ``"auto"`` (exact while d ≤ 512 and the
-            matrices fit in 1 GiB, else fast).
+            matrices fit in 1 GiB, and on the general route, where each of the d columns costs a
+            Hessian-vector product, while d ≤ 64; else fast).
         which: ``"min"`` (default), ``"max"`` or ``"both"``.
         layers: names of the layers to compute; default every splittable layer.
         batchnorm: ``"running"`` statistics (default, the published convention) or ``"batch"``
@@ -183,7 +187,10 @@ def splitting_eigen(
         info, module = structure.layers[name], modules[name]
         recipes[name] = LayerRecipe(info, module, choose_route(info, module, batchnorm))
     executor = Executor(structure.graph_module, batchnorm, surrogate_beta)
-    chosen = {name: _pick_method(method, r.info.n, r.info.d, dtype) for name, r in recipes.items()}
+    chosen = {
+        name: _pick_method(method, r.info.n, r.info.d, dtype, r.route.kind)
+        for name, r in recipes.items()
+    }
     itemsize = torch.empty((), dtype=dtype).element_size()
     for name, how in chosen.items():
         n, d = recipes[name].info.n, recipes[name].info.d
@@ -259,9 +266,11 @@ def _select_layers(structure: ModelStructure, layers: Iterable[str] | None) -> l
     return [k for k in structure.layers if k in set(wanted)]
 
 
-def _pick_method(method: str, n: int, d: int, dtype: torch.dtype) -> str:
+def _pick_method(method: str, n: int, d: int, dtype: torch.dtype, route: str) -> str:
     if method != "auto":
         return method
+    if route == "general" and d > AUTO_MAX_D_GENERAL:
+        return "fast"
     nbytes = n * d * d * torch.empty((), dtype=dtype).element_size()
     return "exact" if d <= AUTO_MAX_D and nbytes <= AUTO_MAX_BYTES else "fast"
 

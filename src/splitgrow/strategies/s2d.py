@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -15,13 +15,21 @@ def added_parameters(info: LayerInfo, modules: Mapping[str, nn.Module]) -> int:
     """Parameters one split of a neuron of this layer adds: its row, a copy of its per-channel
     chain parameters, and its block of columns in every consumer."""
     added = info.d
-    for name in info.chain_modules():
-        added += sum(int(p[0].numel()) for p in modules[name].parameters(recurse=False))
-    for c in info.consumers:
-        weight = modules[c.name].weight
+    for c in info.chain:
+        if c.module is not None:  # one copy per block of the unit's channels it sees
+            per = sum(int(p[0].numel()) for p in modules[c.module].parameters(recurse=False))
+            added += per * occurrences(c.segments, info.name)
+    for consumer in info.consumers:
+        weight = modules[consumer.name].weight
         assert isinstance(weight, Tensor)
-        added += int(weight.shape[0]) * c.block * int(weight[0, 0].numel())
+        columns = int(weight.shape[0]) * consumer.block * int(weight[0, 0].numel())
+        added += columns * occurrences(consumer.segments, info.name)
     return added
+
+
+def occurrences(segments: Sequence[tuple[str, int]], unit: str) -> int:
+    """How many blocks of ``unit``'s channels a tensor holds (two after ``cat([h, h])``)."""
+    return max(1, sum(name == unit for name, _ in segments))
 
 
 def s2d_select(

@@ -29,7 +29,7 @@ from splitgrow.graph.analyze import analyze
 from splitgrow.metrics import flops, parameter_count
 from splitgrow.splitting import SplitEigen, splitting_eigen
 from splitgrow.splitting.neurons import unit_theta
-from splitgrow.strategies.s2d import added_parameters, s2d_select
+from splitgrow.strategies.s2d import added_parameters, occurrences, s2d_select
 from splitgrow.surgery.fresh import add_fresh_neurons
 from splitgrow.surgery.optimizer import CARRY_MODES, carry_state
 from splitgrow.surgery.split import GrowthMap, split_with_growth
@@ -762,5 +762,8 @@ def _added(
                 weight = modules[consumer.name].weight
                 assert isinstance(weight, Tensor)
                 kernel = int(weight[0, 0].numel())
-                total += int(v.numel()) * int(chosen[unit].numel()) * consumer.block * kernel
+                blocks = occurrences(consumer.segments, k)
+                total += (
+                    int(v.numel()) * int(chosen[unit].numel()) * consumer.block * kernel * blocks
+                )
     return total
