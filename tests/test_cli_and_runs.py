@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import pickle
 from pathlib import Path
 
@@ -44,6 +45,10 @@ def test_grow_writes_a_readable_run_directory(
     assert [r["round"] for r in log] == [0, 1] == [r["round"] for r in results["history"]]
     assert results["params"] == log[-1]["params"] > log[0]["params"]
     assert 0.0 <= results["test"]["accuracy"] <= 1.0
+    # the final model's CPU latency under ONNX Runtime, and how it was measured
+    assert math.isfinite(results["latency_ms"]) and results["latency_ms"] > 0
+    assert results["latency"]["runtime"].startswith("onnxruntime ")
+    assert results["latency"]["batch"] == 1 and results["latency"]["threads"] == 1
     assert results["widths"] == json.loads((run / "model.json").read_text())["widths"]
     # the grown model is rebuilt from the checkpoint without pickle and evaluates
     model, _ = load_model(run / "model.pt")

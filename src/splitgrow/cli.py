@@ -4,16 +4,19 @@
     splitgrow grow --resume DIR
     splitgrow compare [--dataset D] [--model M] [--methods …] --budget-params P [--seeds K] …
     splitgrow eval --checkpoint FILE [--dataset D]
+    splitgrow export --checkpoint FILE --format onnx|torchscript [--out PATH]
     splitgrow info
     splitgrow toy [--start W] [--rounds N] [--iterations K] [--out DIR]
 
 Bad input gets one line on stderr and exit code 2, never a traceback. A growth run that stops on
-a non-finite loss exits with 1; one interrupted with Ctrl-C exits with 130 (resume it).
+a non-finite loss exits with 1; one interrupted with Ctrl-C exits with 130 (resume it). An export
+whose outputs do not match PyTorch's exits with 1 and writes nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -29,8 +32,9 @@ from splitgrow import data as datasets
 from splitgrow import distributed as sgdist
 from splitgrow._attrs import first_line
 from splitgrow.compare import METHODS, CompareConfig, check_setting, run_compare
+from splitgrow.export import FORMATS, TOLERANCE, ExportMismatch, export_model
 from splitgrow.graph import analyze
-from splitgrow.metrics import flops, parameter_count
+from splitgrow.metrics import flops, latency_ms, parameter_count
 from splitgrow.models import ACTIVATIONS, MODELS, Architecture, widths_of
 from splitgrow.runs import RunDir, load_model, plot_run
 from splitgrow.toy import run_toy
@@ -149,6 +153,10 @@ def _parser() -> argparse.ArgumentParser:
         help="also checkpoint every STEPS optimizer steps (default: after every epoch only)",
     )  # fmt: skip
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    g.add_argument(
+        "--no-latency", action="store_true",
+        help="skip the final model's ONNX Runtime latency in results.json (about a second)",
+    )  # fmt: skip
     e = sub.add_parser(
         "eval", help="evaluate a saved model on a data set's test split", allow_abbrev=False
     )
@@ -156,6 +164,20 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset", default="digits", choices=sorted(datasets.DATASETS))
     e.add_argument("--data-dir", type=Path, default=None)
     e.add_argument("--seed", type=_non_negative_int, default=0)
+    x = sub.add_parser(
+        "export", help="export a saved model to ONNX or TorchScript, checked against PyTorch",
+        allow_abbrev=False,
+    )  # fmt: skip
+    x.add_argument("--checkpoint", type=Path, required=True, help="a run's model.pt or round<k>.pt")
+    x.add_argument("--format", required=True, choices=FORMATS)
+    x.add_argument(
+        "--out", type=Path, default=None,
+        help="file to write (default: beside the checkpoint, .onnx or .torchscript.pt)",
+    )  # fmt: skip
+    x.add_argument(
+        "--no-latency", action="store_true",
+        help="skip the ONNX Runtime latency (measured for --format onnx)",
+    )  # fmt: skip
     c = sub.add_parser(
         "compare", help="every method to the same parameter budget: accuracy and cost",
         allow_abbrev=False,
@@ -431,9 +453,10 @@ def _grow_on(args: argparse.Namespace, argv: Sequence[str], device: torch.device
     test = evaluate(result.model, _on(data.test.batches(512), device), loss_fn, data.task)
     final_arch = arch.with_widths(widths_of(result.model))
     run.save_model(result.model, final_arch)
-    results = {
+    example = data.test.x[:1]
+    results: dict[str, Any] = {
         "params": parameter_count(result.model),
-        "flops": flops(result.model, data.test.x[:1].to(device)),
+        "flops": flops(result.model, example.to(device)),  # one forward pass, batch 1
         "widths": final_arch.widths,
         "test": test,
         "seconds": seconds,
@@ -441,11 +464,21 @@ def _grow_on(args: argparse.Namespace, argv: Sequence[str], device: torch.device
         "world_size": sgdist.world_size(),
         "history": result.history,
     }
+    if not args.no_latency:  # ONNX Runtime on the CPU, whatever --device trained on
+        cpu_model = copy.deepcopy(result.model).to("cpu", torch.float32)
+        latency = latency_ms(cpu_model, example.to(torch.float32))
+        results["latency_ms"] = latency.pop("ms")
+        results["latency"] = latency
     run.write_json("results.json", results)
     plot_run(run, result.history)
     print(_table(result.history))
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in test.items())
     print(f"\nfinal widths {final_arch.widths}, {results['params']} parameters; test {metrics}")
+    if "latency_ms" in results:
+        print(
+            f"latency {results['latency_ms']:.4f} ms (onnxruntime, batch 1, 1 thread), "
+            f"{results['flops'] / 1e3:.1f} kFLOPs"
+        )
     print(f"stopped: {result.stopped}; {seconds:.1f} s; run directory: {run.path}")
     if result.stopped == "non-finite":
         where = result.history[-1].get("non_finite") or {}
@@ -521,6 +554,38 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    model, arch = load_model(args.checkpoint)
+    suffix = ".onnx" if args.format == "onnx" else ".torchscript.pt"
+    out = args.out or args.checkpoint.with_suffix(suffix)
+    if out.resolve() == args.checkpoint.resolve() or out.resolve() == (
+        args.checkpoint.with_suffix(".json").resolve()
+    ):
+        raise UsageError(f"--out {out} would overwrite the checkpoint; choose another --out")
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a directory, not a file")
+    if not out.parent.is_dir():
+        raise UsageError(f"--out {out}: folder {out.parent} does not exist")
+    try:
+        diff = export_model(model, arch.in_shape, out, args.format)
+    except ExportMismatch as exc:
+        print(f"splitgrow: export failed: {first_line(exc)}; nothing written", file=sys.stderr)
+        return 1
+    line = (
+        f"exported {args.checkpoint} to {out} ({args.format}, {out.stat().st_size / 1e3:.1f} kB); "
+        f"outputs match PyTorch (max |diff| {diff:.1e} ≤ {TOLERANCE:g}); "
+        f"{flops(model, torch.zeros(1, *arch.in_shape)) / 1e3:.1f} kFLOPs"
+    )
+    if args.format == "onnx" and not args.no_latency:
+        latency = latency_ms(model, torch.zeros(1, *arch.in_shape))
+        line += (
+            f"; latency {latency['ms']:.4f} ms ({latency['runtime']}, batch 1, "
+            f"{latency['threads']} thread, median of {latency['repeats']})"
+        )
+    print(line)
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     print("datasets:    " + ", ".join(sorted(datasets.DATASETS)))
     for name, spec in sorted(MODELS.items()):
@@ -553,7 +618,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         if args.command == "grow":
             return _grow(args, argv[1:])
-        commands = {"compare": _compare, "eval": _eval, "info": _info, "toy": _toy}
+        commands = {
+            "compare": _compare, "eval": _eval, "export": _export, "info": _info, "toy": _toy,
+        }  # fmt: skip
         return commands[args.command](args)
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0

@@ -1,6 +1,11 @@
-"""Size and cost of a model: parameters and FLOPs (``torch.utils.flop_counter``)."""
+"""Size and cost of a model: parameters, FLOPs (``torch.utils.flop_counter``) and CPU latency
+(ONNX Runtime)."""
 
 from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -20,3 +25,55 @@ def flops(model: nn.Module, example: Tensor) -> int:
     with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(example[:1])
     return int(counter.get_total_flops())
+
+
+def latency_ms(
+    model: nn.Module, example: Tensor, *, threads: int = 1, warmup: int = 20, repeats: int = 200
+) -> dict[str, Any]:
+    """CPU latency of one forward pass at batch 1 under ONNX Runtime.
+
+    The model is exported to ONNX in memory (:func:`splitgrow.export.onnx_bytes`), run
+    ``warmup`` times, then timed ``repeats`` times one call at a time; the median is reported.
+
+    Args:
+        model: the model (on the CPU; its mode is restored).
+        example: an input batch; its first sample is the timed input.
+        threads: ONNX Runtime intra-op threads.
+        warmup: untimed runs first.
+        repeats: timed runs.
+
+    Returns:
+        ``{"ms": median milliseconds, "runtime": "onnxruntime <version>", "threads", "batch": 1,
+        "warmup", "repeats", "statistic": "median"}`` (plain JSON).
+    """
+    import onnxruntime as ort
+
+    from splitgrow.export import onnx_bytes, onnx_session
+
+    for name, value, least in (
+        ("threads", threads, 1),
+        ("warmup", warmup, 0),
+        ("repeats", repeats, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an integer of at least {least}, got {value!r}")
+    x = example[:1].detach().to("cpu", torch.float32)
+    session = onnx_session(onnx_bytes(model, x), threads=threads)
+    feed = {"input": x.numpy()}
+    run = session.run  # type: ignore[attr-defined]
+    for _ in range(warmup):
+        run(None, feed)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter_ns()
+        run(None, feed)
+        times.append(time.perf_counter_ns() - t0)
+    return {
+        "ms": statistics.median(times) / 1e6,
+        "runtime": f"onnxruntime {ort.__version__}",
+        "threads": threads,
+        "batch": 1,
+        "warmup": warmup,
+        "repeats": repeats,
+        "statistic": "median",
+    }
