@@ -134,10 +134,18 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--plateau", type=_positive_float, default=None)
     g.add_argument("--carry", default="copy", choices=["copy", "reset"])
     g.add_argument("--directions", default="eigen", choices=["eigen", "random", "net2net", "fresh"])
-    g.add_argument("--selection", default="global", choices=["global", "per-layer"])
+    g.add_argument("--selection", default="global", choices=["global", "per-layer", "energy"])
     g.add_argument("--eigen-samples", type=_positive_int, default=None)
     g.add_argument("--budget-params", type=_positive_int, default=None)
     g.add_argument("--budget-flops", type=_positive_int, default=None)
+    g.add_argument(
+        "--round-budget-params", type=_positive_int, default=None,
+        help="--selection energy: parameters one round's splits may add",
+    )  # fmt: skip
+    g.add_argument(
+        "--round-budget-flops", type=_positive_int, default=None,
+        help="--selection energy: FLOPs (batch 1) one round's splits may add",
+    )  # fmt: skip
     g.add_argument(
         "--max-widths", type=_layer_width, nargs="+", default=None, metavar="LAYER=WIDTH"
     )
@@ -355,6 +363,8 @@ def _grow_on(args: argparse.Namespace, argv: Sequence[str], device: torch.device
         max_widths=dict(args.max_widths or []),
         budget_params=args.budget_params,
         budget_flops=args.budget_flops,
+        round_budget_params=args.round_budget_params,
+        round_budget_flops=args.round_budget_flops,
         seed=args.seed,
         progress=main,
     )

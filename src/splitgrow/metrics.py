@@ -77,3 +77,24 @@ def latency_ms(
         "repeats": repeats,
         "statistic": "median",
     }
+
+
+def flops_per_weight(model: nn.Module, example: Tensor) -> dict[str, float]:
+    """FLOPs of one forward pass (batch 1) per weight element, for every module with a weight.
+
+    ``torch.utils.flop_counter`` counts a convolution or matrix product as 2 FLOPs per weight
+    element per output position (biases, BatchNorm and activations are not counted), so a
+    module's count divided by its weight's size is what one more weight element costs: for a
+    Conv2d, 2·H_out·W_out; for a Linear on (1, features), 2. Modules it does not count get 0.
+    """
+    with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(example[:1])
+    counts = counter.get_flop_counts()
+    root = type(model).__name__
+    rates = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, Tensor) and weight.numel():
+            total = sum(counts.get(f"{root}.{name}" if name else root, {}).values())
+            rates[name] = float(total) / weight.numel() if name else 0.0
+    return rates

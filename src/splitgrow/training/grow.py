@@ -26,9 +26,10 @@ from splitgrow import distributed as sgdist
 from splitgrow import faults
 from splitgrow.data import Split
 from splitgrow.graph.analyze import analyze
-from splitgrow.metrics import flops, parameter_count
+from splitgrow.metrics import flops, flops_per_weight, parameter_count
 from splitgrow.splitting import SplitEigen, splitting_eigen
 from splitgrow.splitting.neurons import unit_theta
+from splitgrow.strategies.energy import added_flops, energy_select
 from splitgrow.strategies.s2d import added_parameters, occurrences, s2d_select
 from splitgrow.surgery.fresh import add_fresh_neurons
 from splitgrow.surgery.optimizer import CARRY_MODES, carry_state
@@ -45,6 +46,7 @@ from splitgrow.training.fit import (
 Batch = tuple[Tensor, Tensor]
 EPS_MODES = ("fixed", "relative", "line-search")
 DIRECTIONS = ("eigen", "random", "net2net", "fresh")
+SELECTIONS = ("global", "per-layer", "energy")
 MAX_SETTING = 1e30  # learning rates, ε and penalties above this overflow float32 arithmetic
 NET2NET_NOISE = 0.01  # net2net: offspring differ by ±1% of the neuron's norm
 TWIN_COSINE = 0.95
@@ -81,14 +83,19 @@ class GrowConfig:
     surrogate_beta: float | None = 3.0  # softplus β of the ReLU-like surrogate (None: exact)
     eigen_samples: int | None = None  # splitting matrices over this many training samples
     budget_params: int | None = None  # never grow beyond this many parameters
-    # which λ_min compete: "global" (raw values across layers, the published rule) or
+    # which λ_min compete: "global" (raw values across layers, the published rule),
     # "per-layer" (each layer's values divided by its most negative one, so layers whose
-    # curvature is on a smaller scale are not starved)
+    # curvature is on a smaller scale are not starved) or "energy" (the plan of least Σ λ_i
+    # within the round's parameter and FLOPs budgets, an exact 0/1 knapsack; needs a budget)
     selection: str = "global"
     # grow geometrically to budget_params by the last round: round r (of R) adds at most
     # P₀·(B/P₀)^((r+1)/R) − P parameters (P₀: the starting size), so growth spreads over the rounds
     reach_budget: bool = False
     budget_flops: int | None = None  # stop growing once a forward pass costs this many FLOPs
+    # selection "energy" only: what one round's splits may add (parameters; FLOPs of one forward
+    # pass at batch 1); the total budgets above bound every round too, and then hold exactly
+    round_budget_params: int | None = None
+    round_budget_flops: int | None = None
     seed: int = 0  # data order, line-search batch and the fast solver's start
     progress: bool = False  # tqdm progress bars (shown on a terminal only)
 
@@ -107,7 +114,10 @@ class GrowConfig:
         positive_int("batch_size", self.batch_size)
         if self.final_epochs is not None:
             positive_int("final_epochs", self.final_epochs)
-        for name in ("budget_params", "budget_flops", "eigen_samples"):
+        for name in (
+            "budget_params", "budget_flops", "eigen_samples", "round_budget_params",
+            "round_budget_flops",
+        ):  # fmt: skip
             if getattr(self, name) is not None:
                 positive_int(name, getattr(self, name))
         choices = {
@@ -117,7 +127,7 @@ class GrowConfig:
             "eps_mode": EPS_MODES,
             "carry": CARRY_MODES,
             "directions": DIRECTIONS,
-            "selection": ("global", "per-layer"),
+            "selection": SELECTIONS,
             "batchnorm": ("running", "batch"),
         }
         for name, allowed in choices.items():
@@ -148,6 +158,16 @@ class GrowConfig:
                 raise ValueError(
                     f"counts must be a list of {{layer: count}} dicts, got {self.counts!r}"
                 )
+        rounds = (self.round_budget_params, self.round_budget_flops)
+        if self.selection != "energy" and any(b is not None for b in rounds):
+            raise ValueError("round_budget_params and round_budget_flops need selection='energy'")
+        if self.selection == "energy" and all(
+            b is None for b in (*rounds, self.budget_params, self.budget_flops)
+        ):
+            raise ValueError(
+                "selection='energy' needs a budget: budget_params, budget_flops, "
+                "round_budget_params or round_budget_flops"
+            )
         if self.reach_budget and (self.budget_params is None or self.rounds < 1):
             raise ValueError("reach_budget needs budget_params and at least one round")
         if not self.eps_grid or any(not (g > 0) for g in self.eps_grid):
@@ -693,12 +713,40 @@ def _select(
     values = {k: e.values for k, e in eig.items()}
     if cfg.selection == "per-layer":  # each layer's λ in units of its own most negative one
         values = {k: v / v.min().abs().clamp_min(1e-30) for k, v in values.items()}
-    chosen = s2d_select(
-        values, widths, ratio=cfg.grow_ratio, max_widths=cfg.max_widths, costs=costs,
-        budget=budget,
-    )  # fmt: skip
-    if budget is not None:  # a layer split with its consumer adds k·k' cross weights: trim
-        while chosen and _added(chosen, structure, modules, costs) > budget:
+    flop_budget: int | None = None  # FLOPs this round may add (selection "energy" only)
+    rates: dict[str, float] = {}
+    flop_costs: dict[str, int] = {}
+    if cfg.selection == "energy":
+        rates = flops_per_weight(model, eigen_data[0][0][:1])
+        flop_costs = {k: added_flops(structure.layers[k], modules, rates) for k in eig}
+        caps = [b for b in (budget, cfg.round_budget_params) if b is not None]
+        budget = min(caps) if caps else None
+        caps = [b for b in (cfg.round_budget_flops,) if b is not None]
+        if cfg.budget_flops is not None:
+            caps.append(max(0, cfg.budget_flops - int(record["flops"])))
+        flop_budget = min(caps) if caps else None
+        limits = {"params": (budget, costs), "flops": (flop_budget, flop_costs)}
+        chosen = energy_select(
+            values, widths, ratio=cfg.grow_ratio, max_widths=cfg.max_widths,
+            costs={r: c for r, (b, c) in limits.items() if b is not None},
+            budgets={r: b for r, (b, _) in limits.items() if b is not None},
+        )  # fmt: skip
+    else:
+        chosen = s2d_select(
+            values, widths, ratio=cfg.grow_ratio, max_widths=cfg.max_widths, costs=costs,
+            budget=budget,
+        )  # fmt: skip
+
+    def over(plan: Mapping[str, Tensor]) -> bool:
+        if budget is not None and _added(plan, structure, modules, costs) > budget:
+            return True
+        return flop_budget is not None and (
+            _added(plan, structure, modules, flop_costs, rates) > flop_budget
+        )
+
+    if budget is not None or flop_budget is not None:
+        # a layer split with its consumer adds k·k' cross weights: trim
+        while chosen and over(chosen):
             layer, i = max(
                 ((k, i) for k, idx in chosen.items() for i in range(idx.numel())),
                 key=lambda t: float(values[t[0]][chosen[t[0]][t[1]]]),  # as selected
@@ -707,12 +755,21 @@ def _select(
             keep[i] = False
             chosen = {k: (v[keep] if k == layer else v) for k, v in chosen.items()}
             chosen = {k: v for k, v in chosen.items() if v.numel()}
+    if cfg.selection == "energy":
+        record["energy"] = {
+            "objective": sum(float(values[k][v].sum()) for k, v in chosen.items()),
+            "params_added": _added(chosen, structure, modules, costs),
+            "flops_added": _added(chosen, structure, modules, flop_costs, rates),
+            "budget_params": budget,
+            "budget_flops": flop_budget,
+        }
     if not chosen:
         unstable = any(v < 0 for e in eig.values() for v in e.values.tolist())
         if unstable and cfg.reach_budget and record["round"] + 1 < cfg.rounds:
             record["split"] = {}
             return None  # this round's share of the budget is spent; later rounds get more
-        return "budget" if budget is not None and unstable else "stable"
+        budgeted = budget is not None or flop_budget is not None
+        return "budget" if budgeted and unstable else "stable"
     if cfg.directions == "fresh":
         return _Plan(fresh={k: int(v.numel()) for k, v in chosen.items()})
     if cfg.directions in ("random", "net2net"):  # baselines: same neurons, random directions
@@ -750,10 +807,11 @@ def _select(
 
 def _added(
     chosen: Mapping[str, Tensor], structure: Any, modules: Mapping[str, nn.Module],
-    costs: Mapping[str, int],
+    costs: Mapping[str, int], rates: Mapping[str, float] | None = None,
 ) -> int:  # fmt: skip
     """Parameters the split adds: each neuron's cost, plus the weights between new neurons of a
-    layer and new neurons of its consumer (which neither cost counts)."""
+    layer and new neurons of its consumer (which neither cost counts). With ``rates`` (FLOPs per
+    weight element of each module) and FLOPs ``costs``: the FLOPs it adds."""
     total = sum(costs[k] * int(v.numel()) for k, v in chosen.items())
     for k, v in chosen.items():
         for consumer in structure.layers[k].consumers:
@@ -763,7 +821,8 @@ def _added(
                 assert isinstance(weight, Tensor)
                 kernel = int(weight[0, 0].numel())
                 blocks = occurrences(consumer.segments, k)
-                total += (
+                cross = (
                     int(v.numel()) * int(chosen[unit].numel()) * consumer.block * kernel * blocks
                 )
+                total += cross if rates is None else round(rates.get(consumer.name, 0.0) * cross)
     return total
