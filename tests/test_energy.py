@@ -135,3 +135,18 @@ def test_grow_with_energy_selection_keeps_each_round_within_budget(resource: str
         assert energy[f"budget_{key}"] == cap and energy["objective"] <= 0
         grew += after[key] > before[key]
     assert grew >= 1 and parameter_count(res.model) == res.history[-1]["params"]
+
+
+def test_energy_selection_never_passes_the_total_flops_budget() -> None:
+    digits = data.load("digits", seed=0)
+    torch.manual_seed(0)
+    model = Architecture("cnn", [3, 3, 3, 3], "relu", digits.in_shape, 10).build()
+    start = flops(model, digits.train.x[:1])
+    cfg = GrowConfig(
+        rounds=2, epochs_per_round=1, eps_mode="fixed", grow_ratio=1.0, selection="energy",
+        budget_flops=start + 30_000,
+    )  # fmt: skip
+    res = grow(
+        model, digits.train.batches(64)[:2], loss_fn=torch.nn.functional.cross_entropy, config=cfg
+    )
+    assert start < res.history[-1]["flops"] <= start + 30_000
