@@ -283,10 +283,13 @@ def _grow(args: argparse.Namespace, argv: Sequence[str]) -> int:
         device = _device(args.device) if not sgdist.active() else _rank_device(args.device)
         return _grow_on(args, argv, device)
     device = sgdist.init_from_env(args.device)  # torchrun: gloo on CPU, NCCL on CUDA
+    ended = False
     try:
-        return _grow_on(args, argv, device)
+        code = _grow_on(args, argv, device)
+        ended = code != 130  # an interrupt may reach one rank only: no barrier then
+        return code
     finally:
-        sgdist.shutdown()
+        sgdist.shutdown(together=ended)
 
 
 def _rank_device(name: str) -> torch.device:
@@ -487,10 +490,13 @@ def _compare(args: argparse.Namespace) -> int:
         _device(args.device)
         return _compare_on(args)
     sgdist.init_from_env(args.device)  # torchrun: gloo on CPU, NCCL on CUDA
+    ended = False
     try:
-        return _compare_on(args)
+        code = _compare_on(args)
+        ended = True
+        return code
     finally:
-        sgdist.shutdown()
+        sgdist.shutdown(together=ended)
 
 
 def _compare_on(args: argparse.Namespace) -> int:
