@@ -8,7 +8,10 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,8 @@ from torch import Tensor
 
 from splitgrow import distributed as sgdist
 from splitgrow import splitting_eigen
+from splitgrow.compare import CompareConfig, make_setting, run_compare
+from splitgrow.data import Split
 from splitgrow.models import Architecture
 from splitgrow.training import GrowConfig, GrowState, grow
 
@@ -155,3 +160,51 @@ def grow_all(rank: int, world: int, resume: GrowState | None) -> dict[str, Any]:
     except ValueError as exc:
         out["too_few"] = str(exc)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# compare
+
+#: a tiny comparison: one growth method and the one built on its run, pruning and a search
+COMPARE = CompareConfig(
+    dataset="digits", model="mlp", widths=[4, 4], activation="tanh", budget_params=600,
+    methods=["s2d", "grow-fresh", "prune-l1", "nas-tpe"], seeds=1, epochs=6, rounds=2,
+    epochs_per_round=1, lr_grid=[0.5], tune_trials=1, batch_size=32, nas_trials=2,
+)  # fmt: skip
+
+
+@contextmanager
+def float64() -> Iterator[None]:
+    """Models built inside are float64 (``Architecture.build`` follows the default dtype), and
+    torch uses one thread (on tiny models threads only contend: 10× slower on 2 busy cores)."""
+    old, threads = torch.get_default_dtype(), torch.get_num_threads()
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+        torch.set_num_threads(threads)
+
+
+def compare_run(out: Path, distributed: bool) -> list[dict[str, Any]]:
+    """:data:`COMPARE` in float64 on a part of digits (121 training samples: batches of 32, 32,
+    32, 25, so shares of 16/16 and 13/12)."""
+    s = make_setting(COMPARE)
+
+    def part(split: Split, n: int) -> Split:
+        return Split(split.x[:n].double(), split.y[:n])
+
+    data = dataclasses.replace(
+        s.data, train=part(s.data.train, 121), val=part(s.data.val, 60),
+        test=part(s.data.test, 60),
+    )  # fmt: skip
+    with float64():
+        return run_compare(
+            COMPARE, out, setting=dataclasses.replace(s, data=data), distributed=distributed
+        )
+
+
+def compare_all(rank: int, world: int, folder: str) -> list[dict[str, Any]]:
+    # each rank names its own folder: only rank 0's may come to exist
+    return compare_run(Path(folder) / f"run{rank}", True)

@@ -6,7 +6,9 @@
   single-process run (same global batches: DDP averages the shares' weighted gradients), every
   rank holding bit-identical parameters after each split and at the end;
 * a single-process checkpoint resumes on 2 processes to the same end;
-* ``splitgrow grow`` under torchrun: only rank 0 writes, results.json records the world size.
+* ``splitgrow grow`` under torchrun: only rank 0 writes, results.json records the world size;
+* ``run_compare(distributed=True)`` on 2 processes (growth, pruning, search) gives the records of
+  one process, and only rank 0 writes; ``splitgrow compare`` runs under torchrun.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 import pytest
 import torch
-from _distributed import CONFIGS, grow_run, spawn
+from _distributed import COMPARE, CONFIGS, compare_run, grow_run, spawn
 from _models import REGISTRY, build, loss_fn
 
 import splitgrow
@@ -62,12 +64,14 @@ def test_distributed_flags_need_a_process_group() -> None:
         assert sgdist.backend_for("cuda") == "nccl"
 
 
-def test_compare_refuses_torchrun(
+def test_compare_under_a_bad_torchrun_environment(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
     assert cli.main(["compare", "--budget-params", "1000"]) == 2
-    assert "does not run under torchrun yet" in capsys.readouterr().err
+    assert "start the processes with torchrun" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -206,3 +210,52 @@ def test_cli_under_torchrun(tmp_path: Path) -> None:
     # a second run into the same folder is refused on every rank: exit code 2, no hang
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert again.returncode != 0 and "already holds files" in again.stderr
+
+
+def test_compare_on_two_processes_equals_one(tmp_path: Path) -> None:
+    ranks = spawn("compare_all", 2, tmp_path, str(tmp_path))
+    ref = compare_run(tmp_path / "single", False)
+    assert [r["method"] for r in ref] == COMPARE.methods
+    assert ranks[0] == ranks[1]  # every rank returns rank 0's records
+    for got, want in zip(ranks[0], ref, strict=True):
+        assert got["world_size"] == 2 and want["world_size"] == 1
+        assert got["checksums_agree"] is True and "checksums_agree" not in want
+        for key in ("method", "params", "widths", "flops", "gradient_passes", "lr"):
+            assert got[key] == want[key], key
+        for key in ("test_acc", "val_acc"):
+            assert got[key] == want[key], key
+        assert got["test_loss"] == pytest.approx(want["test_loss"], rel=1e-9)
+        for key in ("wide_widths", "wide_params", "candidates"):
+            assert got.get(key) == want.get(key), key
+        for (p, a), (q, b) in zip(got["trajectory"], want["trajectory"], strict=True):
+            assert p == q and a == b
+    # rank 0 wrote the run directory once; rank 1 wrote nothing
+    run = tmp_path / "run0"
+    assert not (tmp_path / "run1").exists()
+    assert json.loads((run / "results.json").read_text()) == json.loads(json.dumps(ranks[0]))
+    assert len((run / "log.jsonl").read_text().splitlines()) == len(ref)
+    assert {p.name for p in run.iterdir()} == {
+        "config.json", "tuning.json", "log.jsonl", "results.json", "table.md", "pareto.png"
+    }  # fmt: skip
+
+
+def test_compare_cli_under_torchrun(tmp_path: Path) -> None:
+    src = str(Path(splitgrow.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "cmp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+        "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+        "-m", "splitgrow.cli", "compare", "--dataset", "digits", "--model", "mlp",
+        "--widths", "4", "4", "--budget-params", "600", "--methods", "s2d", "uniform",
+        "--seeds", "1", "--epochs", "2", "--rounds", "1", "--epochs-per-round", "1",
+        "--lr-grid", "0.05", "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("run directory:") == 1  # rank 0 alone reports
+    records = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["world_size"], r["checksums_agree"]) for r in records] == [
+        ("s2d", 2, True), ("uniform", 2, True)
+    ]  # fmt: skip
+    assert (out / "table.md").read_text().count("| s2d |") == 1

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -314,10 +313,13 @@ def _grow(args: argparse.Namespace, argv: Sequence[str]) -> int:
         device = _device(args.device) if not sgdist.active() else _rank_device(args.device)
         return _grow_on(args, argv, device)
     device = sgdist.init_from_env(args.device)  # torchrun: gloo on CPU, NCCL on CUDA
+    ended = False
     try:
-        return _grow_on(args, argv, device)
+        code = _grow_on(args, argv, device)
+        ended = code != 130  # an interrupt may reach one rank only: no barrier then
+        return code
     finally:
-        sgdist.shutdown()
+        sgdist.shutdown(together=ended)
 
 
 def _rank_device(name: str) -> torch.device:
@@ -527,12 +529,24 @@ def _check_against_model(model: torch.nn.Module, config: GrowConfig) -> None:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    if sgdist.launched():
-        raise UsageError(
-            "splitgrow compare does not run under torchrun yet (WORLD_SIZE="
-            f"{os.environ['WORLD_SIZE']}); run it as one process"
-        )
-    _device(args.device)
+    if not sgdist.launched() or sgdist.active():  # one process, or a process group already up
+        _device(args.device)
+        return _compare_on(args)
+    sgdist.init_from_env(args.device)  # torchrun: gloo on CPU, NCCL on CUDA
+    ended = False
+    try:
+        code = _compare_on(args)
+        ended = True
+        return code
+    finally:
+        sgdist.shutdown(together=ended)
+
+
+def _compare_on(args: argparse.Namespace) -> int:
+    """``splitgrow compare`` in this process (one of several under torchrun: every rank trains,
+    rank 0 decides what is not training, writes the run directory and prints)."""
+    distributed = sgdist.active() and sgdist.world_size() > 1
+    main = sgdist.is_main()
     config = CompareConfig(
         dataset=args.dataset, model=args.model, widths=args.widths, activation=args.activation,
         budget_params=args.budget_params, methods=args.methods or list(METHODS),
@@ -543,11 +557,22 @@ def _compare(args: argparse.Namespace) -> int:
         nas_trials=args.nas_trials, prune_wide=args.prune_wide,
         data_dir=None if args.data_dir is None else str(args.data_dir), device=args.device,
     )  # fmt: skip
+
+    def check() -> None:
+        check_setting(config)
+
+    if distributed:  # rank 0 checks first: a bad setting is one error, raised on every rank
+        sgdist.from_main(check)
     setting = check_setting(config)  # data, model and budget, before the run directory is made
-    run = _run_dir(args)
-    run_compare(config, run.path, progress=True, setting=setting)
-    print((run.path / "table.md").read_text())
-    print(f"run directory: {run.path}")
+
+    def create() -> Path:
+        return _run_dir(args).path
+
+    out = sgdist.from_main(create) if distributed else create()
+    run_compare(config, out, progress=main, setting=setting, distributed=distributed)
+    if main:
+        print((out / "table.md").read_text())
+        print(f"run directory: {out}")
     return 0
 
 

@@ -120,9 +120,18 @@ def init_from_env(device: str) -> torch.device:
     return where
 
 
-def shutdown() -> None:
-    """Destroy the default process group if one is initialised."""
+def shutdown(together: bool = False) -> None:
+    """Destroy the default process group if one is initialised.
+
+    ``together`` (the run ended normally on this rank): wait at a barrier first, so that every
+    rank tears the group down at the same moment. A rank that finished early (rank 0 still
+    writing the run directory) and tore down alone sometimes died with SIGABRT under gloo
+    ("terminate called without an active exception"). Not after an exception, which a rank may
+    meet alone: the barrier would wait for ranks that never come.
+    """
     if active():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 

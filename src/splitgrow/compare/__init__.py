@@ -8,14 +8,23 @@ from random initialisation, and ``grow-fresh`` repeats its growth schedule with 
 The run directory gets ``config.json``, ``tuning.json`` (validation accuracy per method and
 rate), ``log.jsonl`` and ``results.json`` (one record per method and seed, rewritten after each),
 ``table.md`` (mean ± std over seeds) and ``pareto.png``.
+
+With ``distributed=True`` every process of torch.distributed's default group calls
+:func:`run_compare` together (``splitgrow compare`` under torchrun): each method trains on every
+process's share of every batch, rank 0 makes the other decisions (pruning, search, scores) and
+broadcasts them, and rank 0 alone writes the run directory. Every record says ``world_size``
+and, when distributed, whether every process ended the method with the same parameters
+(``checksums_agree``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +32,13 @@ import torch
 from tqdm.auto import tqdm
 
 from splitgrow import data as datasets
+from splitgrow import distributed as sgdist
 from splitgrow.compare.methods import (
     METHODS,
     NEEDS_S2D,
     Outcome,
     Setting,
+    on_main,
     timed,
     uniform_widths,
     val_accuracy,
@@ -171,6 +182,7 @@ def _record(
         "train_flops": out.train_flops,
         "wall_s": wall,
         "trajectory": out.trajectory,
+        "world_size": sgdist.world_size(),
         **{k: v for k, v in out.extra.items() if k not in ("counts",)},
     }
 
@@ -178,16 +190,25 @@ def _record(
 def run_compare(
     cfg: CompareConfig, out: str | Path, *, progress: bool = False,
     on_record: Callable[[dict[str, Any]], Any] | None = None, setting: Setting | None = None,
+    distributed: bool = False,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Run the comparison into the run directory ``out``; returns the records. ``setting``:
-    the one :func:`check_setting` made for ``cfg`` (else it is made here)."""
-    s = setting or make_setting(cfg)
-    run = RunDir(out)
-    run.write_json("config.json", asdict(cfg))
+    the one :func:`check_setting` made for ``cfg`` (else it is made here).
+
+    ``distributed``: every process of torch.distributed's default group calls this together
+    (see the module's notes); every process returns the same records (rank 0's), and only rank 0
+    writes ``out`` and calls ``on_record``.
+    """
+    sgdist.require(distributed, "run_compare")
+    s = dataclasses.replace(setting or make_setting(cfg), distributed=distributed)
+    main = sgdist.is_main()
+    run = RunDir(out) if main else None
+    if run is not None:
+        run.write_json("config.json", asdict(cfg))
     order = _order(cfg.methods)
     grid = cfg.lr_grid[: cfg.tune_trials]
     total = (len(grid) + cfg.seeds) * len(order)
-    bar = tqdm(total=total, desc="compare", disable=None if progress else True)
+    bar = tqdm(total=total, desc="compare", disable=None if progress and main else True)
     skipped: dict[str, str] = {}
 
     def attempt(
@@ -217,9 +238,10 @@ def run_compare(
             got = attempt(method, lr, TUNE_SEED, refs.get("s2d"))
             if got is not None:
                 refs[method] = got[0]
-                tuning[method][str(lr)] = val_accuracy(got[0].model, s)
+                tuning[method][str(lr)] = on_main(partial(val_accuracy, got[0].model, s), s)
     best = {m: float(max(v, key=lambda k: v[k])) for m, v in tuning.items() if v}
-    run.write_json("tuning.json", {"val_acc": tuning, "chosen_lr": best, "skipped": skipped})
+    if run is not None:
+        run.write_json("tuning.json", {"val_acc": tuning, "chosen_lr": best, "skipped": skipped})
     # 2. every method once per seed with its rate
     records: list[dict[str, Any]] = []
     for seed in range(cfg.seeds):
@@ -235,17 +257,22 @@ def run_compare(
                 ref = got[0]
                 if "s2d" not in cfg.methods:
                     continue
-            record = _record(method, seed, best[method], got[0], got[1], s)
+            # rank 0 evaluates; every rank gets its record (and so raises together below)
+            record = on_main(partial(_record, method, seed, best[method], *got, s), s)
+            if distributed:  # every process must end the method with the same parameters
+                record["checksums_agree"] = sgdist.all_agree(sgdist.checksum(got[0].model))
             if record["params"] > cfg.budget_params:
                 raise AssertionError(f"{method} ended above the budget: {record['params']}")
             records.append(record)
-            run.log(record)
-            run.write_json("results.json", records)
-            if on_record is not None:
-                on_record(record)
+            if run is not None:
+                run.log(record)
+                run.write_json("results.json", records)
+                if on_record is not None:
+                    on_record(record)
     bar.close()
-    (run.path / "table.md").write_text(table(records, cfg, skipped))
-    pareto(records, run.path / "pareto.png", cfg.budget_params)
+    if run is not None:
+        (run.path / "table.md").write_text(table(records, cfg, skipped))
+        pareto(records, run.path / "pareto.png", cfg.budget_params)
     return records
 
 

@@ -4,6 +4,11 @@ pruning a wide network (Torch-Pruning) and width search (Optuna), on one shared 
 Every method gets the same data, the same number of training epochs, the same optimizer family
 (and a learning rate tuned the same way), the same batch size, and must end at no more than the
 parameter budget. Each returns a :class:`Outcome`: the final model and what it cost.
+
+With ``Setting.distributed`` every process of torch.distributed's default group runs every
+method together: training goes through ``train_phase``/``grow`` with ``distributed=True`` (each
+process trains on its share of every batch), and every decision that is not training (Torch-
+Pruning's pruned network, the search's widths and scores) is made on rank 0 and broadcast.
 """
 
 from __future__ import annotations
@@ -13,11 +18,12 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
+from splitgrow import distributed as sgdist
 from splitgrow.data import Dataset, Split
 from splitgrow.metrics import flops, parameter_count
 from splitgrow.models import Architecture, widths_of
@@ -46,6 +52,15 @@ class Setting:
     slim_penalty: float  # network slimming: L1 coefficient on BatchNorm scales
     device: torch.device
     loss_fn: Callable[[Tensor, Tensor], Tensor]
+    distributed: bool = False  # every process of the default group runs every method together
+
+
+T = TypeVar("T")
+
+
+def on_main(fn: Callable[[], T], s: Setting) -> T:
+    """``fn()``, evaluated on rank 0 and broadcast when ``s.distributed`` (an exception too)."""
+    return sgdist.from_main(fn) if s.distributed else fn()
 
 
 @dataclass
@@ -90,7 +105,10 @@ def train(
             for x, y in split.batches(s.batch_size, shuffle=True, generator=gen)
         ]
 
-    phase = train_phase(model, opt, epoch, s.loss_fn, epochs=epochs, after_backward=after_backward)
+    phase = train_phase(
+        model, opt, epoch, s.loss_fn, epochs=epochs, after_backward=after_backward,
+        distributed=s.distributed,
+    )  # fmt: skip
     run = phase.epoch + (phase.non_finite or {}).get("batch", 0) * s.batch_size / n
     return 3.0 * flops(model, _example(s)) * n * run, phase.epoch, phase.stopped
 
@@ -126,6 +144,8 @@ def _growth(
     eval_s = [0.0]
 
     def follow(record: dict[str, Any], trained: nn.Module) -> None:
+        if not sgdist.is_main():  # rank 0's outcome is the one recorded
+            return
         start = time.perf_counter()
         trajectory.append((record["params"], test_accuracy(trained, s)))
         eval_s[0] += time.perf_counter() - start
@@ -138,6 +158,7 @@ def _growth(
         task=s.data.task,
         config=cfg,
         on_record=follow,
+        distributed=s.distributed,
     )
     n = len(s.data.train)
     spent = sum(3.0 * r["flops"] * n * r["epochs"] for r in res.history)
@@ -265,7 +286,8 @@ def _prune(s: Setting, lr: float, seed: int, slim: bool) -> Outcome:
             m, example, importance=imp, pruning_ratio=ratio, ignored_layers=head
         )
 
-    model = _prune_to_budget(model, s, make_pruner)
+    # rank 0 prunes (every rank holds the same trained wide model) and hands the result over
+    model = on_main(lambda: _prune_to_budget(model, s, make_pruner).cpu(), s).to(s.device)
     tuned, tune_run, tune_stopped = train(model, s, lr, finetune, seed, "finetune")
     return Outcome(
         model, float(wide_run + tune_run), spent + tuned,
@@ -324,14 +346,15 @@ def _search(s: Setting, lr: float, seed: int, sampler_name: str) -> Outcome:
     def objective(trial: optuna.Trial) -> float:
         nonlocal spent
         shares = [trial.suggest_float(f"w{i}", 0.05, 1.0) for i in range(len(s.arch.widths))]
-        widths = fit_shares(s.arch, shares, s.budget)
+        # rank 0's sampler decides (the samplers see the same scores on every rank anyway)
+        widths = on_main(lambda: fit_shares(s.arch, shares, s.budget), s)
         trial.set_user_attr("widths", widths)
         model = build_model(s.arch.with_widths(widths), _seed(seed, trial.number), s)
         flops_spent, epochs, stopped = train(model, s, lr, s.epochs, seed, f"nas{trial.number}")
         spent += flops_spent
         passes.append(epochs)
         models[trial.number] = model
-        return val_accuracy(model, s) if stopped == "epochs" else 0.0
+        return on_main(lambda: val_accuracy(model, s) if stopped == "epochs" else 0.0, s)
 
     study.optimize(objective, n_trials=s.nas_trials)
     best = study.best_trial
