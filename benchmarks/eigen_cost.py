@@ -137,9 +137,10 @@ def main() -> None:
             times[m].append(_timed(lambda m=m: run(m)))
     t_epoch = statistics.median(times["epoch"])
     exact = results.get("exact") or splitgrow.splitting_eigen(model, F.cross_entropy, batches)
+    size = "ResNet-20 (16/32/64)" if args.model == "resnet20" else f"width {args.width}"
     print(
         f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads; {args.model}, width {args.width}, N = {args.samples}, "
+        f"{torch.get_num_threads()} threads; {size}, N = {args.samples}, "
         f"batch {args.batch}, median of {args.repeats}"
     )
     print(f"one training epoch: {t_epoch:.3f} s")
