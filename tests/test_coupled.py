@@ -3,6 +3,9 @@ neuron, against the brute-force Hessian of the real split network, in float64.""
 
 from __future__ import annotations
 
+import importlib
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +13,10 @@ from _bruteforce import blocks, off_block_max, split_hessian
 from torch import Tensor, nn
 
 import splitgrow
+from splitgrow.cli import main
 from splitgrow.models import MODELS, Architecture, widths_of
+from splitgrow.runs import load_model
+from splitgrow.strategies.s2d import added_parameters
 from splitgrow.surgery.fresh import add_fresh_neurons
 
 
@@ -282,10 +288,6 @@ def test_registry_variants_preserve_function_and_rebuild(name: str, widths: list
 def test_added_parameter_cost_counts_every_copy() -> None:
     """What ``grow`` charges a split against the budget is what the split adds: copies inside a
     repeated concatenation, and a member reading its own unit (a new row meets a new column)."""
-    import importlib
-
-    from splitgrow.strategies.s2d import added_parameters
-
     added_by = importlib.import_module("splitgrow.training.grow")._added
     for make in (SmoothResNet, Dense, CatTwice, MLPCat, ResMLPBN, SelfResidual):
         model = make()
@@ -493,11 +495,6 @@ def test_torchvision_style_models_trace_compute_and_split(make) -> None:
 def test_cli_grows_residual_and_dense_models_end_to_end(
     tmp_path, model: str, widths: list[str]
 ) -> None:
-    import json
-
-    from splitgrow.cli import main
-    from splitgrow.runs import load_model
-
     out = tmp_path / model
     argv = ["grow", "--model", model, "--dataset", "digits", "--widths", *widths,
             "--rounds", "2", "--epochs-per-round", "1", "--out", str(out)]  # fmt: skip

@@ -195,10 +195,11 @@ def split_with_growth(
             consumers[consumer.name] = consumer
     with torch.no_grad():
         for name, (info, idx, delta) in entries.items():
+            rows = channel_map(((name, info.n),), chosen, ref.device)  # n rows, then offspring
             for member in info.members:
                 part = delta[:, member.offset : member.offset + member.d]
                 surgery_for(modules[member.name]).split_out(modules[member.name], idx, part)
-                grew(member.name, 0, channel_map(((name, info.n),), chosen, ref.device))
+                grew(member.name, 0, rows)
         for module, segments in per_channel.items():
             cmap = channel_map(segments, chosen, ref.device)
             surgery_for(modules[module]).gather_out(modules[module], cmap.source)
