@@ -77,10 +77,12 @@ def main() -> None:
     )
     p.add_argument(
         "--model",
-        choices=["mobilenet", "resnet20"],
+        choices=["mobilenet", "cnn", "resnet20"],
         default="mobilenet",
-        help="MobileNetV1-style (sized by --width) or the registry's ResNet-20 (16/32/64)",
+        help="MobileNetV1-style (sized by --width), the registry's VGG-style cnn with four 3×3 "
+        "convs of --width channels (d = 9·width: above 1000 from width 112), or ResNet-20",
     )
+    p.add_argument("--image", type=int, default=32, help="input height and width")
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--samples", type=int, default=512)
     p.add_argument("--batch", type=int, default=128)
@@ -93,10 +95,12 @@ def main() -> None:
 
     torch.manual_seed(0)
     model: nn.Module = MobileNetV1Style(args.width)
+    shape = [3, args.image, args.image]
     if args.model == "resnet20":
-        widths = list(MODELS["resnet"].default_widths)
-        model = Architecture("resnet", widths, "relu", [3, 32, 32]).build()
-    x = torch.randn(args.samples, 3, 32, 32)
+        model = Architecture("resnet", list(MODELS["resnet"].default_widths), "relu", shape).build()
+    elif args.model == "cnn":
+        model = Architecture("cnn", [args.width] * 4, "relu", shape).build()
+    x = torch.randn(args.samples, *shape)
     y = torch.randint(0, 10, (args.samples,))
     batches = [
         (x[i : i + args.batch], y[i : i + args.batch]) for i in range(0, args.samples, args.batch)
@@ -137,7 +141,10 @@ def main() -> None:
             times[m].append(_timed(lambda m=m: run(m)))
     t_epoch = statistics.median(times["epoch"])
     exact = results.get("exact") or splitgrow.splitting_eigen(model, F.cross_entropy, batches)
-    size = "ResNet-20 (16/32/64)" if args.model == "resnet20" else f"width {args.width}"
+    size = (
+        "ResNet-20 (16/32/64)" if args.model == "resnet20" else f"{args.model}, width {args.width}"
+    )
+    size += f", {args.image}×{args.image} inputs"
     print(
         f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads; {size}, N = {args.samples}, "
