@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from splitgrow._attrs import optional_tensor, tensor
 from splitgrow.graph.analyze import analyze
-from splitgrow.surgery.split import GrowthMap, channel_map, split_with_growth
+from splitgrow.surgery.split import GrowthMap, channel_map, offspring_pairs, split_with_growth
 
 
 def add_fresh_neurons(
@@ -52,8 +52,7 @@ def add_fresh_neurons(
     pairs = {}
     for name, (idx, _) in plan.items():
         info = structure.layers[name]
-        n, k = info.n, int(idx.numel())
-        pairs[name] = list(zip(idx.tolist(), range(n, n + k), strict=True))
+        pairs[name] = offspring_pairs(info.n, idx)
         per_channel.update({c.module: c.segments for c in info.chain if c.module is not None})
         consumers.update({c.name: c for c in info.consumers})
     with torch.no_grad():

@@ -95,6 +95,12 @@ class ChannelMap:
         )
 
 
+def offspring_pairs(n: int, idx: Tensor) -> list[tuple[int, int]]:
+    """``(parent, offspring)`` of a split of a width-``n`` unit: the j-th listed neuron's
+    offspring is appended as neuron ``n + j``."""
+    return list(zip(idx.tolist(), range(n, n + int(idx.numel())), strict=True))
+
+
 def channel_map(
     segments: Segments, chosen: Mapping[str, Tensor], device: torch.device | None = None
 ) -> ChannelMap:

@@ -33,7 +33,7 @@ from splitgrow.strategies.energy import added_flops, energy_select
 from splitgrow.strategies.s2d import added_parameters, occurrences, s2d_select
 from splitgrow.surgery.fresh import add_fresh_neurons
 from splitgrow.surgery.optimizer import CARRY_MODES, carry_state
-from splitgrow.surgery.split import GrowthMap, split_with_growth
+from splitgrow.surgery.split import GrowthMap, offspring_pairs, split_with_growth
 from splitgrow.training.fit import (
     OPTIMIZERS,
     Phase,
@@ -643,17 +643,10 @@ def _split_round(
         record["split"] = dict(plan.fresh)
         return _Split(new, growth, pairs)
     layers = analyze(model).layers
-    widths = {k: layers[k].n for k in plan.split}
     new, growth = split_with_growth(model, plan.split, eps=plan.eps)
     record["split"] = {k: int(idx.numel()) for k, (idx, _) in plan.split.items()}
-    return _Split(
-        new,
-        growth,
-        {
-            k: list(zip(idx.tolist(), range(widths[k], widths[k] + idx.numel()), strict=True))
-            for k, (idx, _) in plan.split.items()
-        },
-    )
+    pairs = {k: offspring_pairs(layers[k].n, idx) for k, (idx, _) in plan.split.items()}
+    return _Split(new, growth, pairs)
 
 
 def _scheduled(model: nn.Module, cfg: GrowConfig, record: dict[str, Any]) -> Any:
