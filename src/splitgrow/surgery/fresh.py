@@ -1,16 +1,20 @@
-"""``add_fresh_neurons``: grow layers by new neurons with random incoming, zero outgoing weights.
+"""``add_neurons``: grow layers by new neurons with given (or default) incoming and outgoing
+weights; ``add_fresh_neurons``: random incoming, zero outgoing weights.
 
-The growth baseline "grow-fresh": the model's function is unchanged at insertion (the new
-neurons' outgoing weights are zero), and the new neurons start from PyTorch's default
-initialisation instead of a copy of an existing neuron. Built on the split surgery (ε = 0 copies
-of some parents), then rewritten: parents' consumer columns restored, offspring columns zeroed,
-offspring rows drawn afresh, their BatchNorm reset to the identity.
+The growth baseline "grow-fresh" uses ``add_fresh_neurons``: the model's function is unchanged at
+insertion (the new neurons' outgoing weights are zero), and the new neurons start from PyTorch's
+default initialisation instead of a copy of an existing neuron. Strategies that choose new neurons
+(GradMax, Firefly) give their weights to ``add_neurons``. Both are built on the split surgery
+(ε = 0 copies of some parents), then rewritten: parents' consumer columns restored, new columns
+set (zero by default), new rows set (drawn afresh by default), their BatchNorm reset to the
+identity.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,10 +25,45 @@ from splitgrow.graph.analyze import analyze
 from splitgrow.surgery.split import GrowthMap, channel_map, offspring_pairs, split_with_growth
 
 
+@dataclass(frozen=True)
+class NewNeurons:
+    """``count`` new neurons for one unit (see :func:`add_neurons`).
+
+    Attributes:
+        count: how many.
+        incoming: ``(count, d)`` their parameters θ (θ layout: every member's weight row
+            flattened, then its bias, members side by side); ``None``: PyTorch's default
+            initialisation.
+        outgoing: ``{consumer name: (out, count·block, *kernel)}`` their columns in each consumer
+            (after a flatten, ``block`` columns per channel, channel after channel); a consumer
+            left out gets zero columns, so the function is unchanged.
+    """
+
+    count: int
+    incoming: Tensor | None = None
+    outgoing: Mapping[str, Tensor] = field(default_factory=dict)
+
+
 def add_fresh_neurons(
     model: nn.Module, counts: Mapping[str, int], *, generator: torch.Generator
 ) -> tuple[nn.Module, GrowthMap, dict[str, list[tuple[int, int]]]]:
-    """A copy of ``model`` with ``counts[layer]`` new neurons appended to each listed layer.
+    """A copy of ``model`` with ``counts[layer]`` new neurons appended to each listed layer, with
+    random incoming and zero outgoing weights (:func:`add_neurons`)."""
+    for name, k in counts.items():
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise ValueError(f"counts['{name}'] must be an integer, got {k!r}")
+    return add_neurons(model, {k: NewNeurons(v) for k, v in counts.items()}, generator=generator)
+
+
+def add_neurons(
+    model: nn.Module, new: Mapping[str, NewNeurons], *, generator: torch.Generator
+) -> tuple[nn.Module, GrowthMap, dict[str, list[tuple[int, int]]]]:
+    """A copy of ``model`` with ``new[unit].count`` new neurons appended to each listed unit.
+
+    The new channels sit where :func:`~splitgrow.surgery.split.split_neurons` puts offspring (at
+    the end of their unit's block in every tensor). Per-channel modules between the unit and its
+    consumers get an identity BatchNorm channel and a copy of another channel's depthwise filter
+    or PReLU slope. With the default (zero) outgoing weights the function is unchanged.
 
     Returns:
         The new model, how every parameter grew (for
@@ -33,19 +72,25 @@ def add_fresh_neurons(
         ``{layer: [(neuron whose slot it was cut from, new neuron)]}``.
 
     Raises:
-        ValueError: an unknown or unsplittable layer, or a count outside ``[0, width]``.
+        ValueError: an unknown or unsplittable layer, a count outside ``[0, width]``, weights of
+            the wrong shape or with NaN, an outgoing entry for a module that is not a consumer.
     """
     structure = analyze(model)
+    ref = next(iter(model.parameters()))
     plan = {}
-    for name, k in counts.items():
+    for name, spec in new.items():
         info = structure.require(name)
+        if not isinstance(spec, NewNeurons):
+            raise TypeError(f"new['{name}'] must be NewNeurons, got {type(spec).__name__}")
+        k = spec.count
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= info.n:
             raise ValueError(f"counts['{name}'] must be an integer in [0, {info.n}], got {k!r}")
+        _check_weights(name, spec, info)
         if k:
             idx = torch.randperm(info.n, generator=generator)[:k]
             plan[name] = (idx, torch.zeros(k, info.d, dtype=torch.float64))
-    new, growth = split_with_growth(model, plan, eps=0.0)
-    modules = dict(new.named_modules())
+    grown, growth = split_with_growth(model, plan, eps=0.0)
+    modules = dict(grown.named_modules())
     chosen = {name: idx for name, (idx, _) in plan.items()}
     per_channel: dict[str, Any] = {}
     consumers: dict[str, Any] = {}
@@ -61,16 +106,34 @@ def add_fresh_neurons(
             cols = channel_map(consumer.segments, chosen, weight.device).columns(consumer.block)
             weight[:, cols.split & ~cols.new] *= 2.0  # undo the split's halving
             weight[:, cols.new] = 0.0
+            if len(consumer.segments) == 1:  # the unit's own channels only: columns in order
+                unit = consumer.segments[0][0]
+                given = new[unit].outgoing.get(consumer.name) if unit in plan else None
+                if given is not None:
+                    if tuple(given.shape) != tuple(weight[:, cols.new].shape):
+                        raise ValueError(
+                            f"new['{unit}'].outgoing['{consumer.name}'] must have shape "
+                            f"{tuple(weight[:, cols.new].shape)}, got {tuple(given.shape)}"
+                        )
+                    weight[:, cols.new] = given.to(weight)
         for name in plan:
             info = structure.layers[name]
+            incoming = new[name].incoming
             for member in info.members:
                 layer = modules[member.name]
                 weight = tensor(layer, "weight")
-                bound = 1.0 / math.sqrt(weight[0].numel())  # PyTorch's default init for both
-                weight[info.n :] = _uniform(weight[info.n :], bound, generator)
                 bias = optional_tensor(layer, "bias")
+                if incoming is None:
+                    bound = 1.0 / math.sqrt(weight[0].numel())  # PyTorch's default init for both
+                    weight[info.n :] = _uniform(weight[info.n :], bound, generator)
+                    if bias is not None:
+                        bias[info.n :] = _uniform(bias[info.n :], bound, generator)
+                    continue
+                rows = incoming[:, member.offset : member.offset + member.d].to(ref)
+                k = weight[0].numel()
+                weight[info.n :] = rows[:, :k].reshape(weight[info.n :].shape)
                 if bias is not None:
-                    bias[info.n :] = _uniform(bias[info.n :], bound, generator)
+                    bias[info.n :] = rows[:, k]
         for module, segments in per_channel.items():
             chain = modules[module]
             if isinstance(chain, nn.modules.batchnorm._BatchNorm):
@@ -80,7 +143,31 @@ def add_fresh_neurons(
                     t = optional_tensor(chain, attr)
                     if t is not None:
                         t[fresh.to(t.device)] = value
-    return new, growth, pairs
+    return grown, growth, pairs
+
+
+def _check_weights(name: str, spec: NewNeurons, info: Any) -> None:
+    k = spec.count
+    if spec.incoming is not None:
+        if not isinstance(spec.incoming, Tensor) or tuple(spec.incoming.shape) != (k, info.d):
+            raise ValueError(f"new['{name}'].incoming must have shape ({k}, {info.d})")
+        if not bool(torch.isfinite(spec.incoming).all()):
+            raise ValueError(f"new['{name}'].incoming contains NaN or infinite values")
+    consumers = {c.name: c for c in info.consumers}
+    for cname, w in spec.outgoing.items():
+        if cname not in consumers:
+            raise ValueError(f"new['{name}'].outgoing: '{cname}' is not a consumer of '{name}'")
+        if len(consumers[cname].segments) != 1:
+            raise ValueError(
+                f"new['{name}'].outgoing: '{cname}' reads a concatenation; only the zero columns "
+                "of a plain consumer can be given"
+            )
+        if not isinstance(w, Tensor) or w.dim() < 2 or w.shape[1] != k * consumers[cname].block:
+            raise ValueError(
+                f"new['{name}'].outgoing['{cname}'] must have shape (out, {k}·block, …)"
+            )
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError(f"new['{name}'].outgoing['{cname}'] contains NaN or infinite values")
 
 
 def _uniform(like: Tensor, bound: float, generator: torch.Generator) -> Tensor:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from splitgrow._attrs import optional_tensor, tensor
 from splitgrow.graph.analyze import LayerInfo, Segments, analyze
 from splitgrow.surgery.handlers import surgery_for
 
@@ -78,12 +79,15 @@ class ChannelMap:
     Attributes:
         source: ``(new size,)`` old channel of each new channel.
         new: ``(new size,)`` ``True`` for the appended offspring channels.
-        split: ``(new size,)`` ``True`` for both channels of a split pair (halved in consumers).
+        split: ``(new size,)`` ``True`` for both channels of a split pair.
+        scale: ``(new size,)`` factor of each channel's consumer columns: 1, or a split pair's
+            shares (½ and ½ for a symmetric split; s and 1 − s for a signed one).
     """
 
     source: Tensor
     new: Tensor
     split: Tensor
+    scale: Tensor
 
     def columns(self, block: int) -> ChannelMap:
         """The same map over a consumer's input columns, ``block`` per channel."""
@@ -92,6 +96,7 @@ class ChannelMap:
             (self.source[:, None] * block + offsets).reshape(-1),
             self.new.repeat_interleave(block),
             self.split.repeat_interleave(block),
+            self.scale.repeat_interleave(block),
         )
 
 
@@ -102,29 +107,45 @@ def offspring_pairs(n: int, idx: Tensor) -> list[tuple[int, int]]:
 
 
 def channel_map(
-    segments: Segments, chosen: Mapping[str, Tensor], device: torch.device | None = None
+    segments: Segments,
+    chosen: Mapping[str, Tensor],
+    device: torch.device | None = None,
+    shares: Mapping[str, Tensor] | None = None,
 ) -> ChannelMap:
     """The new channel order of a tensor made of ``segments`` when the units ``chosen`` split.
 
     Each block keeps its old channels in order, then gets the offspring of its split channels, so
-    that a concatenation's later blocks shift but stay together.
+    that a concatenation's later blocks shift but stay together. ``shares[unit]`` (``(k,)``, in
+    the order of ``chosen[unit]``) is each parent's share of its outgoing weights, the offspring
+    getting the rest; ½ by default.
     """
-    source, new, split = [], [], []
+    source, new, split, scale = [], [], [], []
     offset = 0
+    f64 = torch.float64
     for name, size in segments:
         source.append(torch.arange(offset, offset + size, device=device))
         new.append(torch.zeros(size, dtype=torch.bool, device=device))
         halved = torch.zeros(size, dtype=torch.bool, device=device)
+        factor = torch.ones(size, dtype=f64, device=device)
         split.append(halved)
+        scale.append(factor)
         idx = chosen.get(name)
         if idx is not None and idx.numel():
             idx = idx.to(device)
+            share = (shares or {}).get(name)
+            share = (
+                torch.full((idx.numel(),), 0.5, dtype=f64, device=device)
+                if share is None
+                else share.to(device=device, dtype=f64)
+            )
             halved[idx] = True
+            factor[idx] = share
             source.append(offset + idx)
             new.append(torch.ones(idx.numel(), dtype=torch.bool, device=device))
             split.append(torch.ones(idx.numel(), dtype=torch.bool, device=device))
+            scale.append(1.0 - share)
         offset += size
-    return ChannelMap(torch.cat(source), torch.cat(new), torch.cat(split))
+    return ChannelMap(torch.cat(source), torch.cat(new), torch.cat(split), torch.cat(scale))
 
 
 def split_neurons(
@@ -174,11 +195,105 @@ def split_with_growth(
     entries = {}
     for name, entry in plan.items():
         info = structure.require(name)
-        entries[name] = (info, *_check_entry(name, info, entry, eps, ref))
+        idx, delta = _check_entry(name, info, entry, eps, ref)
+        entries[name] = _Entry(info, idx, delta, -delta, None)
+    return _split(model, entries, ref)
+
+
+@dataclass(frozen=True)
+class SignedSplit:
+    """A signed split of neurons ``idx`` of one unit (see :func:`signed_split_with_growth`).
+
+    Attributes:
+        idx: ``(k,)`` neurons to split.
+        parent: ``(k, d)`` offset direction of each parent (θ layout, all members side by side).
+        offspring: ``(k, d)`` offset direction of each offspring.
+        share: ``(k,)`` the parent's share s of the outgoing weights; the offspring gets 1 − s.
+            s·parent + (1 − s)·offspring must vanish, so that the split has no first-order effect.
+    """
+
+    idx: Tensor
+    parent: Tensor
+    offspring: Tensor
+    share: Tensor
+
+
+def signed_split_with_growth(
+    model: nn.Module,
+    plan: Mapping[str, SignedSplit],
+    *,
+    eps: float | Mapping[str, float | Tensor],
+) -> tuple[nn.Module, GrowthMap]:
+    """A copy of ``model`` with neurons split into offspring of unequal, possibly opposite,
+    output weights (signed splitting, docs/signed_splitting.md).
+
+    Neuron i becomes θ_i + ε·a_i with outgoing weights s_i·c_i and gains an offspring
+    θ_i + ε·b_i with outgoing weights (1 − s_i)·c_i (appended as in :func:`split_neurons`). With
+    s = ½ and b = −a this is :func:`split_neurons`. At ε = 0 the function is unchanged.
+
+    Raises:
+        TypeError/ValueError: naming the bad layer, index, shape or value; a first-order term
+            s·a + (1 − s)·b that does not vanish.
+    """
+    if not isinstance(plan, Mapping):
+        raise TypeError(f"plan must be a mapping of layer name to SignedSplit, got {plan!r}")
+    structure = analyze(model)
+    ref = next(iter(model.parameters()))
+    entries = {}
+    for name, entry in plan.items():
+        if not isinstance(entry, SignedSplit):
+            raise TypeError(f"plan['{name}'] must be a SignedSplit, got {type(entry).__name__}")
+        info = structure.require(name)
+        idx, a = _check_entry(name, info, (entry.idx, entry.parent), eps, ref)
+        _, b = _check_entry(name, info, (entry.idx, entry.offspring), eps, ref)
+        share = entry.share
+        if (
+            not isinstance(share, Tensor)
+            or tuple(share.shape) != (idx.numel(),)
+            or not bool(torch.isfinite(share).all())
+        ):
+            raise ValueError(f"plan['{name}'].share must be a finite ({idx.numel()},) tensor")
+        share = share.to(device=ref.device, dtype=torch.float64)
+        s = share.to(ref.dtype)[:, None]
+        mean = (s * a + (1 - s) * b).abs().max() if idx.numel() else torch.zeros(())
+        scale = (a.abs().max() + b.abs().max()) if idx.numel() else torch.zeros(())
+        if float(mean) > 1e-6 * max(1.0, float(scale)):
+            raise ValueError(
+                f"plan['{name}']: share·parent + (1 − share)·offspring must vanish (a split has "
+                f"no first-order effect), got {float(mean):.3g}"
+            )
+        entries[name] = _Entry(info, idx, a, b, share)
+    return _split(model, entries, ref)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    info: LayerInfo
+    idx: Tensor
+    parent: Tensor  # (k, d) offset of each parent (already × ε)
+    offspring: Tensor  # (k, d) offset of each offspring
+    share: Tensor | None  # (k,) parent's share of the outgoing weights (None: ½)
+
+
+def _shift_rows(module: nn.Module, rows: Tensor, shift: Tensor) -> None:
+    """Add ``shift`` (``(k, d)``, θ layout) to rows ``rows`` of a neuron layer."""
+    weight = tensor(module, "weight")
+    flat = weight.view(weight.shape[0], -1)
+    k = flat.shape[1]
+    flat[rows] += shift[:, :k]
+    bias = optional_tensor(module, "bias")
+    if bias is not None:
+        bias[rows] += shift[:, k]
+
+
+def _split(
+    model: nn.Module, entries: Mapping[str, _Entry], ref: Tensor
+) -> tuple[nn.Module, GrowthMap]:
     new = copy.deepcopy(model)
     modules = dict(new.named_modules())
     growth: GrowthMap = {}
-    chosen = {name: idx for name, (_, idx, _) in entries.items()}
+    chosen = {name: e.idx for name, e in entries.items()}
+    shares = {name: e.share for name, e in entries.items() if e.share is not None}
 
     def grew(module: str, dim: int, cmap: ChannelMap) -> None:
         """Record that every tensor of ``module`` grew along ``dim`` (all of them do)."""
@@ -193,28 +308,38 @@ def split_with_growth(
     # every per-channel module and consumer once, with the blocks of the channels it sees
     per_channel: dict[str, Any] = {}
     consumers: dict[str, Any] = {}
-    for info, _, _ in entries.values():
+    for e in entries.values():
+        info = e.info
         for c in info.chain:
             if c.module is not None:
                 per_channel[c.module] = c.segments
         for consumer in info.consumers:
             consumers[consumer.name] = consumer
     with torch.no_grad():
-        for name, (info, idx, delta) in entries.items():
+        for name, e in entries.items():
+            info, idx = e.info, e.idx
             rows = channel_map(((name, info.n),), chosen, ref.device)  # n rows, then offspring
+            half, mean = (e.parent - e.offspring) / 2, (e.parent + e.offspring) / 2
+            symmetric = e.share is None
             for member in info.members:
-                part = delta[:, member.offset : member.offset + member.d]
-                surgery_for(modules[member.name]).split_out(modules[member.name], idx, part)
+                part = slice(member.offset, member.offset + member.d)
+                surgery_for(modules[member.name]).split_out(
+                    modules[member.name], idx, half[:, part]
+                )
+                if not symmetric:  # both rows move by the mean offset as well
+                    both = torch.cat([idx, torch.arange(info.n, info.n + idx.numel())])
+                    _shift_rows(
+                        modules[member.name], both.to(ref.device), mean[:, part].repeat(2, 1)
+                    )
                 grew(member.name, 0, rows)
         for module, segments in per_channel.items():
             cmap = channel_map(segments, chosen, ref.device)
             surgery_for(modules[module]).gather_out(modules[module], cmap.source)
             grew(module, 0, cmap)
         for consumer in consumers.values():
-            cmap = channel_map(consumer.segments, chosen, ref.device)
-            scale = torch.where(cmap.split, 0.5, 1.0)
+            cmap = channel_map(consumer.segments, chosen, ref.device, shares)
             surgery_for(modules[consumer.name]).gather_in(
-                modules[consumer.name], cmap.source, scale, consumer.block
+                modules[consumer.name], cmap.source, cmap.scale, consumer.block
             )
             grew(consumer.name, 1, cmap.columns(consumer.block))
     return new, growth
