@@ -172,6 +172,7 @@ def test_budget_trim_ranks_by_the_selection_in_use(monkeypatch: pytest.MonkeyPat
     import types
 
     G = importlib.import_module("splitgrow.training.grow")  # the module, not the function
+    S2D = importlib.import_module("splitgrow.strategies.s2d")
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 2))
@@ -184,7 +185,7 @@ def test_budget_trim_ranks_by_the_selection_in_use(monkeypatch: pytest.MonkeyPat
                                                                dtype=torch.float64))
         for k, v in values.items()
     }  # fmt: skip
-    monkeypatch.setattr(G, "splitting_eigen", lambda *a, **k: fake)
+    monkeypatch.setattr(S2D, "splitting_eigen", lambda *a, **k: fake)
     params = sum(p.numel() for p in model.parameters())
     batch = [(torch.randn(8, 4), torch.randint(0, 2, (8,)))]
     cfg = GrowConfig(rounds=2, selection="per-layer", grow_ratio=0.5, eps_mode="fixed",

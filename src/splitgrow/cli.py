@@ -36,6 +36,7 @@ from splitgrow.graph import analyze
 from splitgrow.metrics import flops, latency_ms, parameter_count
 from splitgrow.models import ACTIVATIONS, MODELS, Architecture, widths_of
 from splitgrow.runs import RunDir, load_model, plot_run
+from splitgrow.strategies import STRATEGIES
 from splitgrow.toy import run_toy
 from splitgrow.training import GrowConfig, evaluate, grow
 from splitgrow.training.grow import MAX_SETTING, GrowState
@@ -132,6 +133,14 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--final-epochs", type=_positive_int, default=None)
     g.add_argument("--plateau", type=_positive_float, default=None)
     g.add_argument("--carry", default="copy", choices=["copy", "reset"])
+    g.add_argument(
+        "--strategy", default="s2d", choices=sorted(STRATEGIES),
+        help="what grows: s2d (splitting steepest descent), s3d (signed splitting) …",
+    )  # fmt: skip
+    g.add_argument(
+        "--signed-max-share", type=_positive_float, default=2.0,
+        help="--strategy s3d: largest magnitude of an offspring's share of the outputs (> 1)",
+    )  # fmt: skip
     g.add_argument("--directions", default="eigen", choices=["eigen", "random", "net2net", "fresh"])
     g.add_argument("--selection", default="global", choices=["global", "per-layer", "energy"])
     g.add_argument("--eigen-samples", type=_positive_int, default=None)
@@ -359,6 +368,8 @@ def _grow_on(args: argparse.Namespace, argv: Sequence[str], device: torch.device
         plateau=args.plateau,
         carry=args.carry,
         directions=args.directions,
+        strategy=args.strategy,
+        signed_max_share=args.signed_max_share,
         selection=args.selection,
         eigen_samples=args.eigen_samples,
         batch_size=args.batch_size,

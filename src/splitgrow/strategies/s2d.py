@@ -9,6 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from splitgrow.graph.analyze import LayerInfo
+from splitgrow.splitting import SplitEigen, splitting_eigen
+from splitgrow.strategies.base import Candidates, GrowPlan, RoundContext, register_strategy
+from splitgrow.surgery.split import SignedSplit
 
 
 def added_parameters(info: LayerInfo, modules: Mapping[str, nn.Module]) -> int:
@@ -79,3 +82,42 @@ def s2d_select(
         spent += cost
         limit -= 1
     return {k: torch.tensor(sorted(v), dtype=torch.long) for k, v in chosen.items()}
+
+
+def _eigen(ctx: RoundContext, which: str) -> dict[str, SplitEigen]:
+    """Every splittable unit's splitting eigenpairs over the context's data (its share, summed
+    over the processes when distributed)."""
+    return splitting_eigen(
+        ctx.model, ctx.loss_fn, ctx.share, method=ctx.method, which=which,
+        batchnorm=ctx.batchnorm, surrogate_beta=ctx.surrogate_beta, seed=ctx.seed,
+        distributed=ctx.distributed,
+    )  # fmt: skip
+
+
+def _summary(values: Mapping[str, Tensor]) -> dict[str, dict[str, float | int]]:
+    return {
+        k: {"min": float(v.min()), "median": float(v.median()), "negative": int((v < 0).sum())}
+        for k, v in values.items()
+    }
+
+
+@register_strategy("s2d")
+class SplittingSteepestDescent:
+    """Splitting steepest descent (DESIGN.md §1): candidate i of a unit is its neuron i, scored by
+    λ_min(S_i) (the loss changes by ε²/2·λ_min), split into θ ± ε·v_min with halved outputs."""
+
+    kind = "split"
+    distributed = True
+
+    def candidates(self, ctx: RoundContext) -> Candidates:
+        eig = _eigen(ctx, "min")
+        values = {k: e.values for k, e in eig.items()}
+        return Candidates(values, eig, {"lambda_min": _summary(values)})
+
+    def plan(self, ctx: RoundContext, cands: Candidates, chosen: Mapping[str, Tensor]) -> GrowPlan:
+        eig: dict[str, SplitEigen] = cands.state
+        out = {}
+        for k, idx in chosen.items():
+            v = eig[k].vectors[idx]
+            out[k] = SignedSplit(idx, v, -v, torch.full((len(idx),), 0.5, dtype=torch.float64))
+        return GrowPlan(split=out)

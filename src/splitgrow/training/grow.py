@@ -27,13 +27,20 @@ from splitgrow import faults
 from splitgrow.data import Split
 from splitgrow.graph.analyze import analyze
 from splitgrow.metrics import flops, flops_per_weight, parameter_count
-from splitgrow.splitting import SplitEigen, splitting_eigen
 from splitgrow.splitting.neurons import unit_theta
+from splitgrow.strategies import STRATEGIES, Candidates, RoundContext, Strategy, strategy_for
 from splitgrow.strategies.energy import added_flops, energy_select
 from splitgrow.strategies.s2d import added_parameters, occurrences, s2d_select
-from splitgrow.surgery.fresh import add_fresh_neurons
+from splitgrow.strategies.s3d import check_max_share
+from splitgrow.surgery.fresh import NewNeurons, add_fresh_neurons, add_neurons
 from splitgrow.surgery.optimizer import CARRY_MODES, carry_state
-from splitgrow.surgery.split import GrowthMap, offspring_pairs, split_with_growth
+from splitgrow.surgery.split import (
+    GrowthMap,
+    SignedSplit,
+    offspring_pairs,
+    signed_split_with_growth,
+    split_with_growth,
+)
 from splitgrow.training.fit import (
     OPTIMIZERS,
     Phase,
@@ -96,6 +103,11 @@ class GrowConfig:
     # pass at batch 1); the total budgets above bound every round too, and then hold exactly
     round_budget_params: int | None = None
     round_budget_flops: int | None = None
+    # what grows (a registered strategy, splitgrow.strategies): "s2d" (split along the λ_min
+    # eigenvectors), "s3d" (signed splitting: also splits with outputs of opposite sign where
+    # λ_max > 0) …; ``directions`` other than "eigen" are baselines of "s2d" only
+    strategy: str = "s2d"
+    signed_max_share: float = 2.0  # s3d: largest magnitude W of an offspring's output share
     seed: int = 0  # data order, line-search batch and the fast solver's start
     progress: bool = False  # tqdm progress bars (shown on a terminal only)
 
@@ -145,6 +157,16 @@ class GrowConfig:
                 raise ValueError(
                     f"{name} must be a non-negative number up to {MAX_SETTING:g}, got {value!r}"
                 )
+        if not isinstance(self.strategy, str) or self.strategy not in STRATEGIES:
+            raise ValueError(
+                f"strategy must be one of {tuple(sorted(STRATEGIES))}, got {self.strategy!r}"
+            )
+        if self.strategy != "s2d" and (self.directions != "eigen" or self.counts is not None):
+            raise ValueError(
+                f"directions={self.directions!r} and counts are baselines of strategy 's2d', "
+                f"not of {self.strategy!r}"
+            )
+        check_max_share(self.signed_max_share)
         if not (0 < self.grow_ratio <= 1):
             raise ValueError(f"grow_ratio must be in (0, 1], got {self.grow_ratio!r}")
         if self.counts is not None:
@@ -288,7 +310,7 @@ def _check_progress(state: GrowState, cfg: GrowConfig, batches_per_epoch: int) -
         isinstance(r, dict) and r.get("round") == i for i, r in enumerate(state.history)
     ):
         raise ValueError(f"resume: the history does not hold rounds 0 … {done - 1} in order")
-    if len(state.plans) > state.round:
+    if len(state.plans) > 2 * state.round:  # a round: its splits, then its new neurons
         raise ValueError(f"resume: {len(state.plans)} splits recorded before round {state.round}")
     known = ("", "rounds", "budget", "stable", "schedule", "non-finite")
     if state.ended not in known or state.stopped not in known:
@@ -548,16 +570,17 @@ def grow(
                 ended = outcome
                 record["growth_ended"] = outcome
             elif outcome is not None:
-                optimizer = carry_state(
-                    optimizer, model, outcome.model, outcome.growth, mode=cfg.carry,
-                    fresh=cfg.directions == "fresh",
-                )  # fmt: skip
-                model = outcome.model
+                for stage in outcome:  # the splits, then the new neurons
+                    optimizer = carry_state(
+                        optimizer, model, stage.model, stage.growth, mode=cfg.carry,
+                        fresh=stage.fresh,
+                    )  # fmt: skip
+                    model = stage.model
+                    plans.append({k: [p for p, _ in v] for k, v in stage.pairs.items()})
+                    for layer, new_pairs in stage.pairs.items():
+                        pairs.setdefault(layer, []).extend([list(p) for p in new_pairs])
                 if distributed:  # every process must now hold the same model
                     record["checksums_agree"] = sgdist.all_agree(sgdist.checksum(model))
-                plans.append({k: [p for p, _ in v] for k, v in outcome.pairs.items()})
-                for layer, new_pairs in outcome.pairs.items():
-                    pairs.setdefault(layer, []).extend([list(p) for p in new_pairs])
         record["seconds"] = time.perf_counter() - start
         history.append(record)
         if on_record is not None:
@@ -577,20 +600,24 @@ _BY_EIGEN = object()  # _scheduled: the eigenpairs decide this round
 
 @dataclass
 class _Plan:
-    """What a round grows: new neurons per layer (``fresh``), or a split plan and its ε."""
+    """What a round grows: new neurons per layer with default weights (``fresh``), or signed
+    splits (directions at unit scale) with their ε, then new neurons with given weights."""
 
     fresh: dict[str, int] | None = None
-    split: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # (indices, directions)
+    split: dict[str, SignedSplit] = field(default_factory=dict)
     eps: dict[str, Any] = field(default_factory=dict)
+    new: dict[str, NewNeurons] = field(default_factory=dict)
 
 
 @dataclass
 class _Split:
-    """A split made by one round: the new model, how it grew, (parent, offspring) pairs."""
+    """One surgery of a round: the new model, how it grew, (parent, offspring) pairs, and whether
+    the new slots are new neurons (their optimizer state starts at zero)."""
 
     model: nn.Module
     growth: GrowthMap
     pairs: dict[str, list[tuple[int, int]]]
+    fresh: bool
 
 
 def _split_round(
@@ -602,51 +629,63 @@ def _split_round(
     gen: torch.Generator,
     eigen_share: Sequence[Batch] | None = None,
     distributed: bool = False,
-) -> _Split | str | None:
-    """Compute eigenpairs, select and split (recorded in ``record``), say why growth stops, or
-    (``None``) skip this round.
+) -> list[_Split] | str | None:
+    """Ask the strategy for candidates, select and grow (recorded in ``record``): the round's
+    surgeries in order, why growth stops, or (``None``) skip this round.
 
-    With ``distributed``, every process computes the eigenpairs over its ``eigen_share`` of
+    With ``distributed``, every process computes the candidates over its ``eigen_share`` of
     ``eigen_data`` (summed over the processes); rank 0 alone selects the neurons and ε (the line
     search probes the first batch of ``eigen_data``) and broadcasts its plan and record; every
     process applies that plan.
     """
     plan = _scheduled(model, cfg, record)
     if plan is _BY_EIGEN:
-        eig = splitting_eigen(
-            model, loss_fn, eigen_data if eigen_share is None else eigen_share,
-            method=cfg.method, batchnorm=cfg.batchnorm, surrogate_beta=cfg.surrogate_beta,
-            seed=cfg.seed, distributed=distributed,
+        strategy = strategy_for(cfg.strategy)
+        ctx = RoundContext(
+            model=model, loss_fn=loss_fn, data=eigen_data,
+            share=eigen_data if eigen_share is None else eigen_share, method=cfg.method,
+            batchnorm=cfg.batchnorm, surrogate_beta=cfg.surrogate_beta, seed=cfg.seed,
+            generator=gen, distributed=distributed, options=_options(cfg),
         )  # fmt: skip
+        cands = strategy.candidates(ctx)
         faults.reached("split")
-        record["lambda_min"] = {
-            k: {
-                "min": float(e.values.min()),
-                "median": float(e.values.median()),
-                "negative": int((e.values < 0).sum()),
-            }
-            for k, e in eig.items()
-        }
+        record.update(cands.record)
         if distributed:
             device = next(model.parameters()).device
             plan, rank0 = sgdist.from_main(
-                lambda: (_select(model, cfg, loss_fn, eigen_data, record, gen, eig), record),
+                lambda: (
+                    _select(model, cfg, loss_fn, eigen_data, record, gen, strategy, ctx, cands),
+                    record,
+                ),
                 device,
             )
             record.update(rank0)
         else:
-            plan = _select(model, cfg, loss_fn, eigen_data, record, gen, eig)
+            plan = _select(model, cfg, loss_fn, eigen_data, record, gen, strategy, ctx, cands)
     if not isinstance(plan, _Plan):
         return plan
     if plan.fresh is not None:
         new, growth, pairs = add_fresh_neurons(model, plan.fresh, generator=gen)
         record["split"] = dict(plan.fresh)
-        return _Split(new, growth, pairs)
-    layers = analyze(model).layers
-    new, growth = split_with_growth(model, plan.split, eps=plan.eps)
-    record["split"] = {k: int(idx.numel()) for k, (idx, _) in plan.split.items()}
-    pairs = {k: offspring_pairs(layers[k].n, idx) for k, (idx, _) in plan.split.items()}
-    return _Split(new, growth, pairs)
+        return [_Split(new, growth, pairs, fresh=True)]
+    stages = []
+    if plan.split:
+        layers = analyze(model).layers
+        new, growth = signed_split_with_growth(model, plan.split, eps=plan.eps)
+        record["split"] = {k: int(e.idx.numel()) for k, e in plan.split.items()}
+        pairs = {k: offspring_pairs(layers[k].n, e.idx) for k, e in plan.split.items()}
+        stages.append(_Split(new, growth, pairs, fresh=False))
+        model = new
+    if plan.new:
+        new, growth, pairs = add_neurons(model, plan.new, generator=gen)
+        record["new"] = {k: v.count for k, v in plan.new.items()}
+        stages.append(_Split(new, growth, pairs, fresh=True))
+    return stages
+
+
+def _options(cfg: GrowConfig) -> dict[str, Any]:
+    """The strategy's own settings, from the config."""
+    return {"max_share": cfg.signed_max_share}
 
 
 def _scheduled(model: nn.Module, cfg: GrowConfig, record: dict[str, Any]) -> Any:
@@ -689,21 +728,23 @@ def _select(
     eigen_data: Sequence[Batch],
     record: dict[str, Any],
     gen: torch.Generator,
-    eig: Mapping[str, SplitEigen],
+    strategy: Strategy,
+    ctx: RoundContext,
+    cands: Candidates,
 ) -> _Plan | str | None:
-    """The neurons to split, their directions and ε from the eigenpairs (recorded in
+    """The candidates to grow under the round's budgets, their directions and ε (recorded in
     ``record``), why growth stops, or ``None`` (skip this round); never mutates ``model``."""
     params = record["params"]
     structure = analyze(model)
     modules = dict(model.named_modules())
-    widths = {k: structure.layers[k].n for k in eig}
-    costs = {k: added_parameters(structure.layers[k], modules) for k in eig}
+    values = dict(cands.scores)
+    widths = {k: structure.layers[k].n for k in values}
+    costs = {k: added_parameters(structure.layers[k], modules) for k in values}
     budget = None if cfg.budget_params is None else cfg.budget_params - params
     if cfg.reach_budget and cfg.budget_params is not None and budget is not None:
         start = float(record["start_params"])
         target = start * (cfg.budget_params / start) ** ((record["round"] + 1) / cfg.rounds)
         budget = min(budget, max(0, int(target) - params))
-    values = {k: e.values for k, e in eig.items()}
     if cfg.selection == "per-layer":  # each layer's λ in units of its own most negative one
         values = {k: v / v.min().abs().clamp_min(1e-30) for k, v in values.items()}
     flop_budget: int | None = None  # FLOPs this round may add (selection "energy" only)
@@ -711,7 +752,7 @@ def _select(
     flop_costs: dict[str, int] = {}
     if cfg.selection == "energy":
         rates = flops_per_weight(model, eigen_data[0][0][:1])
-        flop_costs = {k: added_flops(structure.layers[k], modules, rates) for k in eig}
+        flop_costs = {k: added_flops(structure.layers[k], modules, rates) for k in values}
         caps = [b for b in (budget, cfg.round_budget_params) if b is not None]
         budget = min(caps) if caps else None
         caps = [b for b in (cfg.round_budget_flops,) if b is not None]
@@ -757,7 +798,7 @@ def _select(
             "budget_flops": flop_budget,
         }
     if not chosen:
-        unstable = any(v < 0 for e in eig.values() for v in e.values.tolist())
+        unstable = any(x < 0 for v in values.values() for x in v.tolist())
         if unstable and cfg.reach_budget and record["round"] + 1 < cfg.rounds:
             record["split"] = {}
             return None  # this round's share of the budget is spent; later rounds get more
@@ -765,17 +806,18 @@ def _select(
         return "budget" if budgeted and unstable else "stable"
     if cfg.directions == "fresh":
         return _Plan(fresh={k: int(v.numel()) for k, v in chosen.items()})
+    grown = strategy.plan(ctx, cands, chosen)
+    plan = dict(grown.split)
     if cfg.directions in ("random", "net2net"):  # baselines: same neurons, random directions
-        vectors = {}
-        for k, idx in chosen.items():
-            v = torch.randn(len(idx), eig[k].vectors.shape[1], generator=gen, dtype=torch.float64)
-            vectors[k] = (v / v.norm(dim=1, keepdim=True)).to(eig[k].vectors)
-        plan = {k: (idx, vectors[k]) for k, idx in chosen.items()}
-    else:
-        plan = {k: (idx, eig[k].vectors[idx]) for k, idx in chosen.items()}
+        for k, e in plan.items():
+            v = torch.randn(len(e.idx), e.parent.shape[1], generator=gen, dtype=torch.float64)
+            v = (v / v.norm(dim=1, keepdim=True)).to(e.parent)
+            plan[k] = SignedSplit(e.idx, v, -v, e.share)
+    if not plan:
+        return _Plan(new=grown.new)
     norms = {
-        k: unit_theta(structure.layers[k], modules)[idx].norm(dim=1).to(eig[k].vectors.dtype)
-        for k, idx in chosen.items()
+        k: unit_theta(structure.layers[k], modules)[e.idx].norm(dim=1).to(e.parent.dtype)
+        for k, e in plan.items()
     }
     if cfg.directions == "net2net":
         eps: dict[str, Any] = {k: NET2NET_NOISE * norms[k] for k in plan}
@@ -790,12 +832,24 @@ def _select(
         best = (math.inf, cfg.eps_grid[0])
         probe = list(eigen_data)[:1]
         for factor in cfg.eps_grid:
-            trial, _ = split_with_growth(model, plan, eps={k: factor * norms[k] for k in plan})
+            trial, _ = signed_split_with_growth(
+                model, plan, eps={k: factor * norms[k] for k in plan}
+            )
             loss = evaluate(trial, probe, loss_fn, "regression")["loss"]
             best = min(best, (loss, factor))
         eps = {k: best[1] * norms[k] for k in plan}
         record["eps"] = best[1]
-    return _Plan(split=plan, eps=eps)
+    if cfg.directions == "eigen":  # the second-order prediction of the loss change, Σ ε²/2·score
+        record["predicted_loss_change"] = sum(
+            float(
+                (
+                    torch.as_tensor(eps[k]).double().cpu() ** 2 * values[k][e.idx].double().cpu()
+                ).sum()
+                / 2
+            )
+            for k, e in plan.items()
+        )
+    return _Plan(split=plan, eps=eps, new=grown.new)
 
 
 def _added(
