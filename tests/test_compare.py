@@ -33,9 +33,10 @@ def test_every_method_every_seed_within_budget(mlp_run: tuple[Path, list[dict]])
     ran = [m for m in METHODS if m != "prune-slim"]  # the MLP has no BatchNorm
     assert [(r["method"], r["seed"]) for r in records] == [(m, s) for s in (0, 1) for m in ran]
     keys = {"method", "seed", "params", "flops", "test_acc", "test_loss", "gradient_passes",
-            "wall_s"}  # fmt: skip
+            "wall_s", "latency_ms"}  # fmt: skip
     for r in records:
         assert keys <= set(r) and 0 <= r["test_acc"] <= 1 and r["wall_s"] > 0
+        assert 0 < r["latency_ms"] < 1000
         assert r["params"] <= 1200
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(records))
     tuning = json.loads((out / "tuning.json").read_text())

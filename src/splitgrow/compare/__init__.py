@@ -19,6 +19,7 @@ and, when distributed, whether every process ended the method with the same para
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import statistics
@@ -43,7 +44,7 @@ from splitgrow.compare.methods import (
     uniform_widths,
     val_accuracy,
 )
-from splitgrow.metrics import flops, parameter_count
+from splitgrow.metrics import flops, latency_ms, parameter_count
 from splitgrow.models import MODELS, Architecture, widths_of
 from splitgrow.runs import RunDir
 from splitgrow.training import evaluate
@@ -174,6 +175,10 @@ def _record(
         "lr": lr,
         "params": parameter_count(out.model),
         "flops": flops(out.model, s.data.test.x[:1].to(s.device)),
+        # ONNX Runtime, CPU, batch 1, one thread: median of 50 runs
+        "latency_ms": latency_ms(
+            copy.deepcopy(out.model).cpu(), s.data.test.x[:1], warmup=10, repeats=50
+        )["ms"],
         "widths": widths_of(out.model),
         "test_acc": test["accuracy"],
         "test_loss": test["loss"],
@@ -292,9 +297,9 @@ def table(
         f"budget {cfg.budget_params} parameters, {cfg.epochs} epochs, {cfg.optimizer}, "
         f"{cfg.seeds} seeds",
         "",
-        "| method | test acc % | params | kFLOPs | train GFLOPs | gradient passes | wall s | lr "
-        "| widths (seed 0) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | test acc % | params | kFLOPs | latency ms | train GFLOPs | gradient passes "
+        "| wall s | lr | widths (seed 0) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method in METHODS:
         rows = [r for r in records if r["method"] == method]
@@ -307,17 +312,19 @@ def table(
         lines.append(
             f"| {method} | {_mean_std([100 * a for a in col('test_acc')])} "
             f"| {statistics.mean(col('params')):.0f} | {statistics.mean(col('flops')) / 1e3:.1f} "
+            f"| {statistics.mean(col('latency_ms')):.4f} "
             f"| {statistics.mean(col('train_flops')) / 1e9:.2f} "
             f"| {statistics.mean(col('gradient_passes')):.3g} | {_mean_std(col('wall_s'))} "
             f"| {rows[0]['lr']} | {rows[0]['widths']} |"
         )
     for method, why in (skipped or {}).items():
-        lines.append(f"| {method} | not run: {why} | | | | | | | |")
+        lines.append(f"| {method} | not run: {why} | | | | | | | | |")
     lines += [
         "",
         "gradient passes: training samples × passes (forward + backward), all training included "
         "(the wide network and the search candidates too); the splitting phase is not in it but is "
-        "in the wall time. train GFLOPs: Σ 3 × forward FLOPs per sample × samples trained.",
+        "in the wall time. train GFLOPs: Σ 3 × forward FLOPs per sample × samples trained. "
+        "latency: ONNX Runtime on the CPU, batch 1, one thread, median of 50 runs.",
     ]
     return "\n".join(lines) + "\n"
 

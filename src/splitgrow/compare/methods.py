@@ -131,14 +131,14 @@ def val_accuracy(model: nn.Module, s: Setting) -> float:
 
 def _growth(
     s: Setting, lr: float, seed: int, *, method: str = "auto", directions: str = "eigen",
-    counts: list[dict[str, int]] | None = None,
+    counts: list[dict[str, int]] | None = None, strategy: str = "s2d", selection: str = "global",
 ) -> Outcome:  # fmt: skip
     final = s.epochs - s.rounds * s.epochs_per_round
     cfg = GrowConfig(
         rounds=s.rounds, epochs_per_round=s.epochs_per_round, final_epochs=final,
         optimizer=s.optimizer, lr=lr, batch_size=s.batch_size, grow_ratio=s.grow_ratio,
         method=method, directions=directions, counts=counts, budget_params=s.budget, seed=seed,
-        reach_budget=counts is None,
+        reach_budget=counts is None, strategy=strategy, selection=selection,
     )  # fmt: skip
     trajectory: list[tuple[int, float]] = []
     eval_s = [0.0]
@@ -176,6 +176,15 @@ def s2d(s: Setting, lr: float, seed: int, ref: Outcome | None) -> Outcome:
 
 def s2d_fast(s: Setting, lr: float, seed: int, ref: Outcome | None) -> Outcome:
     return _growth(s, lr, seed, method="fast")
+
+
+def s2d_energy(s: Setting, lr: float, seed: int, ref: Outcome | None) -> Outcome:
+    """s2d with energy-aware selection: least Σ λ within each round's share of the budget."""
+    return _growth(s, lr, seed, selection="energy")
+
+
+def s3d(s: Setting, lr: float, seed: int, ref: Outcome | None) -> Outcome:
+    return _growth(s, lr, seed, strategy="s3d")
 
 
 def random_split(s: Setting, lr: float, seed: int, ref: Outcome | None) -> Outcome:
@@ -377,6 +386,8 @@ Method = Callable[[Setting, float, int, Outcome | None], Outcome]
 METHODS: dict[str, Method] = {
     "s2d": s2d,
     "s2d-fast": s2d_fast,
+    "s2d-energy": s2d_energy,
+    "s3d": s3d,
     "random-split": random_split,
     "net2net": net2net,
     "grow-fresh": grow_fresh,
