@@ -13,6 +13,7 @@ from splitgrow.graph import analyze
 from splitgrow.metrics import flops, flops_per_weight, parameter_count
 from splitgrow.models import MODELS, Architecture
 from splitgrow.strategies import added_flops, energy_select
+from splitgrow.strategies.energy import added_latency
 from splitgrow.training import GrowConfig, grow
 from splitgrow.training.grow import _added
 
@@ -150,3 +151,41 @@ def test_energy_selection_never_passes_the_total_flops_budget() -> None:
         model, digits.train.batches(64)[:2], loss_fn=torch.nn.functional.cross_entropy, config=cfg
     )
     assert start < res.history[-1]["flops"] <= start + 30_000
+
+
+def test_latency_budgets_bound_every_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With each unit's measured cost replaced by a known one (1 µs per neuron), a round budget
+    of 2.5 µs lets at most two neurons split per round; the real measurement is non-negative."""
+    import importlib
+
+    G = importlib.import_module("splitgrow.training.grow")  # the module, not the function
+    digits = data.load("digits", seed=0)
+    torch.manual_seed(0)
+    model = Architecture("cnn", [3, 3, 3, 3], "relu", digits.in_shape, 10).build()
+    base, measured = added_latency(model, digits.train.x[:1], analyze(model).splittable())
+    assert base > 0 and set(measured) == set(analyze(model).splittable())
+    assert all(isinstance(c, int) and c >= 0 for c in measured.values())
+    monkeypatch.setattr(G, "added_latency", lambda m, x, units: (0.01, {u: 1000 for u in units}))
+    batches = digits.train.batches(64)[:2]
+    cfg = GrowConfig(rounds=2, epochs_per_round=1, eps_mode="fixed", grow_ratio=1.0,
+                     selection="energy", round_budget_latency_ms=0.0025)  # fmt: skip
+    res = grow(model, batches, loss_fn=torch.nn.functional.cross_entropy, config=cfg)
+    for record in res.history[:-1]:
+        assert record["energy"]["budget_latency_ms"] == 0.0025
+        assert sum(record.get("split", {}).values()) == 2  # the knapsack fills the budget
+        assert record["energy"]["latency_added_ms"] == 0.002
+
+
+def test_total_latency_budget_stops_growth() -> None:
+    digits = data.load("digits", seed=0)
+    torch.manual_seed(0)
+    model = Architecture("mlp", [4, 4], "relu", digits.in_shape, 10).build()
+    cfg = GrowConfig(rounds=2, epochs_per_round=1, budget_latency_ms=1e-6)
+    res = grow(model, digits.train.batches(64)[:2], loss_fn=torch.nn.functional.cross_entropy,
+               config=cfg)  # fmt: skip
+    assert res.stopped == "budget" and res.history[0]["growth_ended"] == "budget"
+    assert res.history[0]["latency_ms"] > 1e-6 and "split" not in res.history[0]
+    with pytest.raises(ValueError, match="budget_latency_ms must be a positive number"):
+        GrowConfig(budget_latency_ms=-1.0)
+    with pytest.raises(ValueError, match="need selection='energy'"):
+        GrowConfig(round_budget_latency_ms=1.0)

@@ -155,6 +155,15 @@ def _parser() -> argparse.ArgumentParser:
         help="--selection energy: FLOPs (batch 1) one round's splits may add",
     )  # fmt: skip
     g.add_argument(
+        "--budget-latency-ms", type=_positive_float, default=None,
+        help="stop growing once the model's measured CPU latency (ONNX Runtime, batch 1) "
+        "reaches this",
+    )  # fmt: skip
+    g.add_argument(
+        "--round-budget-latency-ms", type=_positive_float, default=None,
+        help="--selection energy: measured latency one round's splits may add",
+    )  # fmt: skip
+    g.add_argument(
         "--max-widths", type=_layer_width, nargs="+", default=None, metavar="LAYER=WIDTH"
     )
     g.add_argument("--seed", type=_non_negative_int, default=0)
@@ -378,6 +387,8 @@ def _grow_on(args: argparse.Namespace, argv: Sequence[str], device: torch.device
         budget_flops=args.budget_flops,
         round_budget_params=args.round_budget_params,
         round_budget_flops=args.round_budget_flops,
+        budget_latency_ms=args.budget_latency_ms,
+        round_budget_latency_ms=args.round_budget_latency_ms,
         seed=args.seed,
         progress=main,
     )

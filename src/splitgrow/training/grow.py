@@ -29,7 +29,7 @@ from splitgrow.graph.analyze import analyze
 from splitgrow.metrics import flops, flops_per_weight, parameter_count
 from splitgrow.splitting.neurons import unit_theta
 from splitgrow.strategies import STRATEGIES, Candidates, RoundContext, Strategy, strategy_for
-from splitgrow.strategies.energy import added_flops, energy_select
+from splitgrow.strategies.energy import added_flops, added_latency, energy_select
 from splitgrow.strategies.s2d import added_parameters, occurrences, s2d_select
 from splitgrow.strategies.s3d import check_max_share
 from splitgrow.surgery.fresh import NewNeurons, add_fresh_neurons, add_neurons
@@ -103,6 +103,12 @@ class GrowConfig:
     # pass at batch 1); the total budgets above bound every round too, and then hold exactly
     round_budget_params: int | None = None
     round_budget_flops: int | None = None
+    # measured CPU latency (ONNX Runtime, batch 1, one thread, ms): stop growing once the model
+    # takes this long, measured every round; with selection "energy", each unit's added latency
+    # per neuron is measured too, and a round adds at most the rest of the budget (and at most
+    # round_budget_latency_ms)
+    budget_latency_ms: float | None = None
+    round_budget_latency_ms: float | None = None
     # what grows (a registered strategy, splitgrow.strategies): "s2d" (split along the λ_min
     # eigenvectors), "s3d" (signed splitting: also splits with outputs of opposite sign where
     # λ_max > 0) …; ``directions`` other than "eigen" are baselines of "s2d" only
@@ -180,15 +186,23 @@ class GrowConfig:
                 raise ValueError(
                     f"counts must be a list of {{layer: count}} dicts, got {self.counts!r}"
                 )
-        rounds = (self.round_budget_params, self.round_budget_flops)
+        for name in ("budget_latency_ms", "round_budget_latency_ms"):
+            value = getattr(self, name)
+            if value is not None and not (
+                isinstance(value, (int, float)) and 0 < value <= MAX_SETTING
+            ):
+                raise ValueError(f"{name} must be a positive number of ms, got {value!r}")
+        rounds = (self.round_budget_params, self.round_budget_flops, self.round_budget_latency_ms)
         if self.selection != "energy" and any(b is not None for b in rounds):
-            raise ValueError("round_budget_params and round_budget_flops need selection='energy'")
-        if self.selection == "energy" and all(
-            b is None for b in (*rounds, self.budget_params, self.budget_flops)
-        ):
+            raise ValueError(
+                "round_budget_params, round_budget_flops and round_budget_latency_ms need "
+                "selection='energy'"
+            )
+        totals = (self.budget_params, self.budget_flops, self.budget_latency_ms)
+        if self.selection == "energy" and all(b is None for b in (*rounds, *totals)):
             raise ValueError(
                 "selection='energy' needs a budget: budget_params, budget_flops, "
-                "round_budget_params or round_budget_flops"
+                "budget_latency_ms or a round budget"
             )
         if self.reach_budget and (self.budget_params is None or self.rounds < 1):
             raise ValueError("reach_budget needs budget_params and at least one round")
@@ -445,6 +459,12 @@ def grow(
     """
     cfg = config or GrowConfig()
     sgdist.require(distributed, "grow")
+    if distributed and not strategy_for(cfg.strategy).distributed:
+        raise ValueError(f"strategy {cfg.strategy!r} does not run under torch.distributed yet")
+    if distributed and cfg.budget_latency_ms is not None:
+        raise ValueError(
+            "budget_latency_ms is measured per process, so it cannot steer a distributed run"
+        )
     check_data(train_data, model, task, "train_data")
     if val_data:
         check_data(val_data, model, task, "val_data")
@@ -546,6 +566,11 @@ def grow(
             "round": rnd,
             "params": parameter_count(model),
             "flops": flops(model, example),
+            **(
+                {"latency_ms": added_latency(model, example, [])[0]}
+                if cfg.budget_latency_ms is not None
+                else {}
+            ),
             "epochs": len(phase.epoch_losses),
             "epoch_losses": phase.epoch_losses,
             "train_loss": phase.epoch_losses[-1] if phase.epoch_losses else math.nan,
@@ -697,6 +722,8 @@ def _scheduled(model: nn.Module, cfg: GrowConfig, record: dict[str, Any]) -> Any
         return "budget"
     if cfg.budget_flops is not None and record["flops"] >= cfg.budget_flops:
         return "budget"
+    if cfg.budget_latency_ms is not None and record["latency_ms"] >= cfg.budget_latency_ms:
+        return "budget"
     if cfg.counts is None:
         return _BY_EIGEN
     # a fixed schedule (grow-fresh with another run's counts)
@@ -750,6 +777,8 @@ def _select(
     flop_budget: int | None = None  # FLOPs this round may add (selection "energy" only)
     rates: dict[str, float] = {}
     flop_costs: dict[str, int] = {}
+    latency_budget: int | None = None  # ns this round may add (selection "energy" only)
+    latency_costs: dict[str, int] = {}
     if cfg.selection == "energy":
         rates = flops_per_weight(model, eigen_data[0][0][:1])
         flop_costs = {k: added_flops(structure.layers[k], modules, rates) for k in values}
@@ -759,7 +788,17 @@ def _select(
         if cfg.budget_flops is not None:
             caps.append(max(0, cfg.budget_flops - int(record["flops"])))
         flop_budget = min(caps) if caps else None
-        limits = {"params": (budget, costs), "flops": (flop_budget, flop_costs)}
+        caps = [b for b in (cfg.round_budget_latency_ms,) if b is not None]
+        if cfg.budget_latency_ms is not None:
+            caps.append(max(0.0, cfg.budget_latency_ms - float(record["latency_ms"])))
+        if caps:
+            _, latency_costs = added_latency(model, eigen_data[0][0], list(values))
+            latency_budget = round(min(caps) * 1e6)  # ns
+        limits = {
+            "params": (budget, costs),
+            "flops": (flop_budget, flop_costs),
+            "latency": (latency_budget, latency_costs),
+        }
         chosen = energy_select(
             values, widths, ratio=cfg.grow_ratio, max_widths=cfg.max_widths,
             costs={r: c for r, (b, c) in limits.items() if b is not None},
@@ -774,11 +813,15 @@ def _select(
     def over(plan: Mapping[str, Tensor]) -> bool:
         if budget is not None and _added(plan, structure, modules, costs) > budget:
             return True
+        if latency_budget is not None and (
+            sum(latency_costs[k] * int(v.numel()) for k, v in plan.items()) > latency_budget
+        ):
+            return True
         return flop_budget is not None and (
             _added(plan, structure, modules, flop_costs, rates) > flop_budget
         )
 
-    if budget is not None or flop_budget is not None:
+    if budget is not None or flop_budget is not None or latency_budget is not None:
         # a layer split with its consumer adds k·k' cross weights: trim
         while chosen and over(chosen):
             layer, i = max(
@@ -796,13 +839,25 @@ def _select(
             "flops_added": _added(chosen, structure, modules, flop_costs, rates),
             "budget_params": budget,
             "budget_flops": flop_budget,
+            **(
+                {
+                    "latency_added_ms": sum(
+                        latency_costs[k] * int(v.numel()) for k, v in chosen.items()
+                    )
+                    / 1e6,
+                    "budget_latency_ms": latency_budget / 1e6,
+                    "latency_ms_per_neuron": {k: c / 1e6 for k, c in latency_costs.items()},
+                }
+                if latency_budget is not None
+                else {}
+            ),
         }
     if not chosen:
         unstable = any(x < 0 for v in values.values() for x in v.tolist())
         if unstable and cfg.reach_budget and record["round"] + 1 < cfg.rounds:
             record["split"] = {}
             return None  # this round's share of the budget is spent; later rounds get more
-        budgeted = budget is not None or flop_budget is not None
+        budgeted = budget is not None or flop_budget is not None or latency_budget is not None
         return "budget" if budgeted and unstable else "stable"
     if cfg.directions == "fresh":
         return _Plan(fresh={k: int(v.numel()) for k, v in chosen.items()})
