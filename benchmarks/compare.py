@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/compare.py all                    # every offline setting
     .venv/bin/python benchmarks/compare.py cifar10-mobilenet --data-dir ~/data/cifar10
     .venv/bin/python benchmarks/compare.py digits-mlp --quick     # a smoke run (minutes)
+    .venv/bin/python benchmarks/compare.py mnist1d-mlp --methods s2d s3d --tag strategies
 
 Each setting writes its run directory under ``runs/bench-<setting>`` and its table, with the
 command and the machine, to ``benchmarks/results/compare_<setting>.md``.
@@ -76,6 +77,7 @@ def main() -> None:
     p.add_argument("--epochs-per-round", type=int, default=None, help="override it too")
     p.add_argument("--tag", default="", help="suffix of the result file and run directory")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--methods", nargs="+", default=None, help="only these methods")
     args = p.parse_args()
     names = OFFLINE if args.setting == "all" else [args.setting]
     for name in names:
@@ -85,6 +87,8 @@ def main() -> None:
                 sys.exit("cifar10-mobilenet needs --data-dir")
             fields["data_dir"] = args.data_dir
         fields["seeds"] = args.seeds
+        if args.methods:
+            fields["methods"] = args.methods
         for key in ("rounds", "epochs_per_round"):
             if getattr(args, key) is not None:
                 fields[key] = getattr(args, key)
