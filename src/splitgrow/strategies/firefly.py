@@ -34,7 +34,8 @@ Options (``ctx.options``):
     ``init_scale`` (float > 0, default 0.1): θ_j start uniform in ±``init_scale``/√fan-in.
     ``eps`` (float > 0, default 0.1): the probe step ε of the scores.
     ``split`` (bool, default True): offer splits of existing neurons too.
-    ``outgoing`` (``"zero"`` or ``"eps"``, default ``"zero"``): the new neurons' columns in the plan.
+    ``outgoing`` (``"zero"`` or ``"eps"``, default ``"zero"``): the new neurons' columns in the
+        plan.
 """
 
 from __future__ import annotations
@@ -281,5 +282,6 @@ def _in_split_model(ctx: RoundContext, plan: GrowPlan) -> dict[str, NewNeurons]:
 
 
 def _one(out_shape: tuple[int, ...], m: int) -> tuple[int, ...]:
-    """One neuron's column shape ``(out, block, *kernel)`` from the probe's ``(out, m·block, …)``."""
+    """One neuron's column shape ``(out, block, *kernel)`` from the probe's
+    ``(out, m·block, …)``."""
     return (out_shape[0], out_shape[1] // m, *out_shape[2:])

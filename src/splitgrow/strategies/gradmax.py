@@ -164,9 +164,7 @@ class GradMax:
             total = 2 * unit.columns.shape[0]
             picked = sorted({int(i) for i in idx.tolist()})
             if picked and (picked[0] < 0 or picked[-1] >= total):
-                raise ValueError(
-                    f"chosen[{name!r}] must lie in [0, {total}), got {idx.tolist()}"
-                )
+                raise ValueError(f"chosen[{name!r}] must lie in [0, {total}), got {idx.tolist()}")
             pairs = [j for j in range(total // 2) if 2 * j in picked and 2 * j + 1 in picked]
             lone = [i for i in picked if i // 2 not in pairs]
             if lone:

@@ -47,7 +47,9 @@ def plain_consumer_reason(info: LayerInfo, modules: Mapping[str, nn.Module]) -> 
         module = modules[c.module]
         params = list(module.parameters(recurse=False))
         if params and not isinstance(module, nn.modules.batchnorm._BatchNorm):
-            return f"its chain holds '{c.module}' ({type(module).__name__}) with per-channel weights"
+            return (
+                f"its chain holds '{c.module}' ({type(module).__name__}) with per-channel weights"
+            )
     return None
 
 
@@ -135,8 +137,8 @@ class NewNeuronProbe:
 
 def mixed_hessian(probe: NewNeuronProbe, theta: Tensor) -> Tensor:
     """M = ∂²L/∂C∂θ at C = 0 for one new neuron (``probe.count == 1``) with incoming ``theta``
-    ``(1, d)``: ``(P, d)`` with P = out·block·kernel, so that a new neuron with columns c (flattened)
-    gets the incoming gradient ∂L/∂θ = Mᵀc, exactly, while the function is unchanged.
+    ``(1, d)``: ``(P, d)`` with P = out·block·kernel, so that a new neuron with columns c
+    (flattened) gets the incoming gradient ∂L/∂θ = Mᵀc, exactly, while the function is unchanged.
 
     Computed by double back-propagation, one backward per row or column (the smaller side).
     """
@@ -181,7 +183,9 @@ def check_number(
     return float(value)
 
 
-def check_int(options: Mapping[str, object], key: str, default: int | None, *, low: int) -> int | None:
+def check_int(
+    options: Mapping[str, object], key: str, default: int | None, *, low: int
+) -> int | None:
     """``options[key]`` as an integer ``>= low`` (or ``None`` when allowed by the default).
 
     Raises:

@@ -111,13 +111,13 @@ def add_neurons(
                 given = new[unit].outgoing.get(consumer.name) if unit in plan else None
                 if given is not None:
                     # a consumer that grows too keeps zero weights between new neurons
-                    rows = structure.layers[structure.unit_of(consumer.name)].n
-                    if tuple(given.shape) != tuple(weight[:rows, cols.new].shape):
+                    kept = structure.layers[structure.unit_of(consumer.name)].n
+                    if tuple(given.shape) != tuple(weight[:kept, cols.new].shape):
                         raise ValueError(
                             f"new['{unit}'].outgoing['{consumer.name}'] must have shape "
-                            f"{tuple(weight[:rows, cols.new].shape)}, got {tuple(given.shape)}"
+                            f"{tuple(weight[:kept, cols.new].shape)}, got {tuple(given.shape)}"
                         )
-                    weight[:rows, cols.new] = given.to(weight)
+                    weight[:kept, cols.new] = given.to(weight)
         for name in plan:
             info = structure.layers[name]
             incoming = new[name].incoming
@@ -137,9 +137,9 @@ def add_neurons(
                 if member.name in consumers:  # it reads a unit that grows too: θ gives the old
                     c = consumers[member.name]  # columns, those of the new channels stay zero
                     fresh_in = channel_map(c.segments, chosen, weight.device).columns(c.block).new
-                block = weight[info.n :]
-                block[:, fresh_in] = 0.0
-                block[:, ~fresh_in] = rows[:, :k].reshape(block[:, ~fresh_in].shape)
+                fresh_rows = weight[info.n :]
+                fresh_rows[:, fresh_in] = 0.0
+                fresh_rows[:, ~fresh_in] = rows[:, :k].reshape(fresh_rows[:, ~fresh_in].shape)
                 if bias is not None:
                     bias[info.n :] = rows[:, k]
         for module, segments in per_channel.items():
