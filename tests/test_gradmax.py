@@ -147,6 +147,7 @@ def test_trains_faster_than_random_new_neurons(act: str) -> None:
         gm.append(train(grown, x, y, 20, 0.3))
         rnd.append(train(fresh, x, y, 20, 0.3))
     mean_gm, mean_rnd = sum(gm) / 3, sum(rnd) / 3
+    print(act, "gradmax", gm, "random", rnd)
     assert mean_gm < mean_rnd, (gm, rnd)
 
 

@@ -31,7 +31,8 @@ Options (``ctx.options``):
     ``candidates`` (int >= 0, default 4): new-neuron candidates per unit (at most its width).
     ``steps`` (int >= 0, default 10): gradient steps on the new neurons' incoming parameters.
     ``lr`` (float > 0, default 0.1): each step moves θ_j by ``lr``·‖θ_j‖ (then back to its norm).
-    ``init_scale`` (float > 0, default 0.1): θ_j start uniform in ±``init_scale``/√fan-in.
+    ``init_scale`` (float > 0, default 1.0): θ_j start uniform in ±``init_scale``/√fan-in
+        (1.0: PyTorch's default initialisation, as random new neurons).
     ``eps`` (float > 0, default 0.1): the probe step ε of the scores.
     ``split`` (bool, default True): offer splits of existing neurons too.
     ``outgoing`` (``"zero"`` or ``"eps"``, default ``"zero"``): the new neurons' columns in the
@@ -74,7 +75,7 @@ class FireflyOptions:
     candidates: int = 4
     steps: int = 10
     lr: float = 0.1
-    init_scale: float = 0.1
+    init_scale: float = 1.0
     eps: float = 0.1
     split: bool = True
     outgoing: str = "zero"
@@ -97,7 +98,7 @@ class FireflyOptions:
             candidates=check_int(options, "candidates", 4, low=0) or 0,
             steps=check_int(options, "steps", 10, low=0) or 0,
             lr=check_number(options, "lr", 0.1, low=0.0, strict=True),
-            init_scale=check_number(options, "init_scale", 0.1, low=0.0, strict=True),
+            init_scale=check_number(options, "init_scale", 1.0, low=0.0, strict=True),
             eps=check_number(options, "eps", 0.1, low=0.0, strict=True),
             split=split,
             outgoing=str(outgoing),
