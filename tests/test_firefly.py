@@ -69,7 +69,7 @@ def test_scores_match_autograd_and_eigenvalues() -> None:
     model, batches = model_and_data("mlp", "sigmoid")
     eps = 0.2
     ctx = context(model, batches, {**FAST, "eps": eps})
-    cands, chosen = all_candidates(Firefly(), ctx)
+    cands = Firefly().candidates(ctx)
     eig = splitting_eigen(model, F.cross_entropy, batches, method="exact")
     n_total = sum(len(b[1]) for b in batches)
     for name, unit in cands.state.items():
