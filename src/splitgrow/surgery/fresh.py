@@ -110,12 +110,14 @@ def add_neurons(
                 unit = consumer.segments[0][0]
                 given = new[unit].outgoing.get(consumer.name) if unit in plan else None
                 if given is not None:
-                    if tuple(given.shape) != tuple(weight[:, cols.new].shape):
+                    # a consumer that grows too keeps zero weights between new neurons
+                    kept = structure.layers[structure.unit_of(consumer.name)].n
+                    if tuple(given.shape) != tuple(weight[:kept, cols.new].shape):
                         raise ValueError(
                             f"new['{unit}'].outgoing['{consumer.name}'] must have shape "
-                            f"{tuple(weight[:, cols.new].shape)}, got {tuple(given.shape)}"
+                            f"{tuple(weight[:kept, cols.new].shape)}, got {tuple(given.shape)}"
                         )
-                    weight[:, cols.new] = given.to(weight)
+                    weight[:kept, cols.new] = given.to(weight)
         for name in plan:
             info = structure.layers[name]
             incoming = new[name].incoming
@@ -130,8 +132,14 @@ def add_neurons(
                         bias[info.n :] = _uniform(bias[info.n :], bound, generator)
                     continue
                 rows = incoming[:, member.offset : member.offset + member.d].to(ref)
-                k = weight[0].numel()
-                weight[info.n :] = rows[:, :k].reshape(weight[info.n :].shape)
+                k = member.d - int(member.has_bias)
+                fresh_in = weight.new_zeros(weight.shape[1], dtype=torch.bool)
+                if member.name in consumers:  # it reads a unit that grows too: θ gives the old
+                    c = consumers[member.name]  # columns, those of the new channels stay zero
+                    fresh_in = channel_map(c.segments, chosen, weight.device).columns(c.block).new
+                fresh_rows = weight[info.n :]
+                fresh_rows[:, fresh_in] = 0.0
+                fresh_rows[:, ~fresh_in] = rows[:, :k].reshape(fresh_rows[:, ~fresh_in].shape)
                 if bias is not None:
                     bias[info.n :] = rows[:, k]
         for module, segments in per_channel.items():

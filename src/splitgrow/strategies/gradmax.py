@@ -1,0 +1,180 @@
+"""GradMax: new neurons of zero fan-in whose outgoing weights maximise their gradient.
+
+Evci et al., "GradMax: Growing neural networks using gradient information" (ICLR 2022), made
+function-preserving for every activation and alive under ReLU (docs/gradmax_firefly.md).
+
+A new neuron with incoming parameters θ (zero weights, bias b) and consumer columns c gets the
+incoming gradient ∂L/∂θ = Mᵀc, where M = ∂²L/∂C∂θ at C = 0 (``probe.mixed_hessian``; for a
+Linear consumer after a pointwise chain ψ, M = E[Σ_pos g_pos ψ'(b) x̃_posᵀ], g the gradient at
+the consumer's output and x̃ the neuron's input patch plus 1; a Conv consumer reads the channel
+through its input patches, the unfold of GradMax's paper). For ‖c‖ = r the largest gradient
+norm is r·s₁ (s₁ the top singular value of M), reached at c = r·u₁.
+
+Each candidate is inserted as a **± pair**: two neurons with the same incoming parameters
+(zero weights, bias b > 0 where the layer has a bias) and columns +c and −c. Their channels are
+equal (same chain, identity BatchNorm, same padding), so they cancel exactly whatever σ(b) is:
+the function is unchanged at insertion for every activation, σ(0) ≠ 0 included. With b > 0 a
+ReLU-like unit sits in its linear region and both neurons get the gradients ±Mᵀc, so neither is
+dead (a single zero-fan-in ReLU neuron has relu'(0) = 0 and never moves).
+
+Scores: the candidates of a unit are its new *neurons*; neurons 2j and 2j + 1 form pair j (columns
++c_j and −c_j, c_j = r·u_j) and each scores −r²·s_j² = −‖∂L/∂θ‖² of that neuron, so a pair scores
+−2r²s_j², the rate dL/dt = −‖∇L‖² at which gradient flow on the new incoming parameters starts
+to lower the loss (a first SGD step of learning rate η lowers it by about η·2r²s_j²). The loop
+charges one neuron's cost per candidate, so a pair is charged twice, as it costs; a chosen
+neuron whose partner was not chosen is dropped (recorded), never grown alone.
+
+Options (``ctx.options``):
+    ``scale`` (float > 0, default 1.0): r, the norm of each new neuron's columns, as a multiple of
+        the mean column norm of the unit's existing neurons (of 1.0 when those are all zero).
+    ``bias`` (float >= 0, default 1.0): b, the new neurons' bias (before any BatchNorm). A unit
+        without a bias keeps b = 0, and is skipped when its zero-fan-in neurons get no gradient
+        (a ReLU-like chain), with the reason recorded.
+    ``max_pairs`` (int >= 1 or None, default None): at most this many pairs per unit (otherwise
+        ⌊n/2⌋, and at most the rank of M).
+    ``rank_tol`` (float >= 0, default 1e-8): singular values below ``rank_tol``·s₁ are not offered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from splitgrow.graph.analyze import analyze
+from splitgrow.strategies.base import Candidates, GrowPlan, RoundContext, register_strategy
+from splitgrow.strategies.probe import (
+    NewNeuronProbe,
+    check_int,
+    check_keys,
+    check_number,
+    mixed_hessian,
+    outgoing_norms,
+    plain_consumer_reason,
+)
+from splitgrow.surgery.fresh import NewNeurons
+
+OPTIONS = ("scale", "bias", "max_pairs", "rank_tol")
+
+
+@dataclass(frozen=True)
+class GradMaxOptions:
+    """The validated options (module docstring)."""
+
+    scale: float = 1.0
+    bias: float = 1.0
+    max_pairs: int | None = None
+    rank_tol: float = 1e-8
+
+    @staticmethod
+    def parse(options: Mapping[str, Any]) -> GradMaxOptions:
+        """Validate ``options``.
+
+        Raises:
+            ValueError: naming an unknown key or a bad value.
+        """
+        check_keys(options, OPTIONS, "gradmax")
+        return GradMaxOptions(
+            scale=check_number(options, "scale", 1.0, low=0.0, strict=True),
+            bias=check_number(options, "bias", 1.0, low=0.0, strict=False),
+            max_pairs=check_int(options, "max_pairs", None, low=1),
+            rank_tol=check_number(options, "rank_tol", 1e-8, low=0.0, strict=False),
+        )
+
+
+@dataclass(frozen=True)
+class UnitPairs:
+    """One unit's pairs: incoming θ (d,), columns (pairs, out, block, *kernel) at norm r."""
+
+    theta: Tensor
+    columns: Tensor
+    consumer: str
+    singular: Tensor  # (pairs,) s_j
+
+
+@register_strategy("gradmax")
+class GradMax:
+    """The ``"gradmax"`` strategy (module docstring)."""
+
+    kind = "new"
+    distributed = False
+
+    def candidates(self, ctx: RoundContext) -> Candidates:
+        """Score every eligible unit's candidate neurons (two per pair, best pair first)."""
+        opts = GradMaxOptions.parse(ctx.options)
+        structure = analyze(ctx.model)
+        modules = dict(ctx.model.named_modules())
+        scores: dict[str, Tensor] = {}
+        state: dict[str, UnitPairs] = {}
+        skipped: dict[str, str] = {}
+        for name in structure.splittable():
+            info = structure.layers[name]
+            why = plain_consumer_reason(info, modules)
+            if why is None and info.n < 2:
+                why = "width below 2 (a pair cannot be inserted)"
+            if why is not None:
+                skipped[name] = why
+                continue
+            probe = NewNeuronProbe(ctx.model, info, 1, ctx.loss_fn, ctx.data, ctx.generator)
+            ref = probe.ref
+            theta = torch.zeros(1, info.d, dtype=ref.dtype, device=ref.device)
+            member = info.members[0]
+            if member.has_bias:
+                theta[0, member.d - 1] = opts.bias
+            m = mixed_hessian(probe, theta)
+            u, s, _ = torch.linalg.svd(m, full_matrices=False)
+            if s.numel() == 0 or float(s[0]) == 0.0:
+                skipped[name] = (
+                    "zero-fan-in neurons get no gradient here (a ReLU-like chain at 0 without "
+                    "a bias, or a zero loss gradient)"
+                )
+                continue
+            keep = int((s > opts.rank_tol * s[0]).sum())
+            pairs = min(keep, info.n // 2, opts.max_pairs or info.n)
+            norms = outgoing_norms(info, modules)
+            mean = float(norms.mean())
+            r = opts.scale * (mean if mean > 0 else 1.0)
+            u = u[:, :pairs].T * torch.where(u[:, :pairs].sum(0) < 0, -1.0, 1.0)[:, None].to(u)
+            shape = probe.out_shape  # (out, block, *kernel) for one neuron
+            columns = (r * u).reshape(pairs, *shape)
+            state[name] = UnitPairs(theta[0], columns, probe.consumer, s[:pairs])
+            scores[name] = (-(r**2) * s[:pairs] ** 2).repeat_interleave(2)
+        record: dict[str, Any] = {
+            "skipped": skipped,
+            "top_singular": {k: float(v.singular[0]) for k, v in state.items()},
+        }
+        return Candidates(scores, state, record)
+
+    def plan(self, ctx: RoundContext, cands: Candidates, chosen: Mapping[str, Tensor]) -> GrowPlan:
+        """New neurons for the chosen candidates: the pairs both of whose neurons were chosen.
+
+        Raises:
+            ValueError: a unit without candidates, or an index outside its candidates.
+        """
+        state: dict[str, UnitPairs] = cands.state
+        new: dict[str, NewNeurons] = {}
+        dropped: dict[str, list[int]] = {}
+        for name, idx in chosen.items():
+            if name not in state:
+                raise ValueError(f"chosen unit {name!r} has no gradmax candidates")
+            unit = state[name]
+            total = 2 * unit.columns.shape[0]
+            picked = sorted({int(i) for i in idx.tolist()})
+            if picked and (picked[0] < 0 or picked[-1] >= total):
+                raise ValueError(f"chosen[{name!r}] must lie in [0, {total}), got {idx.tolist()}")
+            pairs = [j for j in range(total // 2) if 2 * j in picked and 2 * j + 1 in picked]
+            lone = [i for i in picked if i // 2 not in pairs]
+            if lone:
+                dropped[name] = lone
+            if not pairs:
+                continue
+            cols = unit.columns[pairs]  # (p, out, block, *kernel)
+            both = torch.stack([cols, -cols], dim=1).flatten(0, 1)  # +c, −c, +c, −c …
+            outgoing = both.movedim(0, 1).flatten(1, 2)  # (out, 2p·block, *kernel)
+            theta = unit.theta.expand(2 * len(pairs), -1).clone()
+            new[name] = NewNeurons(2 * len(pairs), theta, {unit.consumer: outgoing})
+        cands.record["dropped_unpaired"] = dropped
+        return GrowPlan(new=new)
