@@ -100,6 +100,17 @@ def _layer_width(text: str) -> tuple[str, int]:
     return name, _positive_int(width)
 
 
+def _option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE``: VALUE as JSON (a number, true/false, null), else as text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 #: options that ``grow --resume`` accepts besides itself (``--device``: CUDA results differ anyway)
 RESUME_OPTIONS = {"--resume", "--device"}
 
@@ -140,6 +151,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--signed-max-share", type=_positive_float, default=2.0,
         help="--strategy s3d: largest magnitude of an offspring's share of the outputs (> 1)",
+    )  # fmt: skip
+    g.add_argument(
+        "--strategy-option", type=_option, nargs="+", default=None, metavar="KEY=VALUE",
+        help="a setting of the strategy (VALUE read as JSON, else as text), e.g. steps=5",
     )  # fmt: skip
     g.add_argument("--directions", default="eigen", choices=["eigen", "random", "net2net", "fresh"])
     g.add_argument("--selection", default="global", choices=["global", "per-layer", "energy"])
@@ -379,6 +394,7 @@ def _grow_on(args: argparse.Namespace, argv: Sequence[str], device: torch.device
         directions=args.directions,
         strategy=args.strategy,
         signed_max_share=args.signed_max_share,
+        strategy_options=dict(args.strategy_option or []),
         selection=args.selection,
         eigen_samples=args.eigen_samples,
         batch_size=args.batch_size,

@@ -187,6 +187,14 @@ def s3d(s: Setting, lr: float, seed: int, ref: Outcome | None) -> Outcome:
     return _growth(s, lr, seed, strategy="s3d")
 
 
+def gradmax(s: Setting, lr: float, seed: int, ref: Outcome | None) -> Outcome:
+    return _growth(s, lr, seed, strategy="gradmax")
+
+
+def firefly(s: Setting, lr: float, seed: int, ref: Outcome | None) -> Outcome:
+    return _growth(s, lr, seed, strategy="firefly")
+
+
 def random_split(s: Setting, lr: float, seed: int, ref: Outcome | None) -> Outcome:
     return _growth(s, lr, seed, directions="random")
 
@@ -388,6 +396,8 @@ METHODS: dict[str, Method] = {
     "s2d-fast": s2d_fast,
     "s2d-energy": s2d_energy,
     "s3d": s3d,
+    "gradmax": gradmax,
+    "firefly": firefly,
     "random-split": random_split,
     "net2net": net2net,
     "grow-fresh": grow_fresh,

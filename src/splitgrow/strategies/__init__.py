@@ -1,10 +1,14 @@
 """What to grow: strategies return a plan and never mutate a module.
 
 Registered strategies (:data:`STRATEGIES`): ``s2d`` (splitting steepest descent), ``s3d`` (signed
-splitting). Selection helpers: :func:`s2d_select` (most negative first, under a budget) and
+splitting), ``gradmax`` (new neurons along the top singular vectors of the gradient correlation)
+and ``firefly`` (new neurons and splits optimised jointly, scored by the first-order change).
+Selection helpers: :func:`s2d_select` (most negative first, under a budget) and
 :func:`energy_select` (an exact 0/1 knapsack under parameter and FLOPs budgets).
 """
 
+from splitgrow.strategies import firefly as _firefly  # noqa: F401  (registers "firefly")
+from splitgrow.strategies import gradmax as _gradmax  # noqa: F401  (registers "gradmax")
 from splitgrow.strategies import s3d as _s3d  # noqa: F401  (registers "s3d")
 from splitgrow.strategies.base import (
     STRATEGIES,

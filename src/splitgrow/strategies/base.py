@@ -69,6 +69,10 @@ class Strategy(Protocol):
     #: runs under torch.distributed (``candidates`` is then called by every process)
     distributed: bool
 
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` naming a bad or unknown option of ``options``."""
+        ...
+
     def candidates(self, ctx: RoundContext) -> Candidates: ...
 
     def plan(self, ctx: RoundContext, cands: Candidates, chosen: Mapping[str, Tensor]) -> GrowPlan:

@@ -148,6 +148,9 @@ class Firefly:
     kind = "new"
     distributed = False
 
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        FireflyOptions.parse(options)
+
     def candidates(self, ctx: RoundContext) -> Candidates:
         """Score every unit's splits and new neurons on one scale, best first."""
         opts = FireflyOptions.parse(ctx.options)

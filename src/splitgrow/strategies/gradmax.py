@@ -102,6 +102,9 @@ class GradMax:
     kind = "new"
     distributed = False
 
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        GradMaxOptions.parse(options)
+
     def candidates(self, ctx: RoundContext) -> Candidates:
         """Score every eligible unit's candidate neurons (two per pair, best pair first)."""
         opts = GradMaxOptions.parse(ctx.options)

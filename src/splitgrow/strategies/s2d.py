@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -108,6 +109,10 @@ class SplittingSteepestDescent:
 
     kind = "split"
     distributed = True
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        if options:
+            raise ValueError(f"s2d takes no strategy options, got {sorted(options)}")
 
     def candidates(self, ctx: RoundContext) -> Candidates:
         eig = _eigen(ctx, "min")

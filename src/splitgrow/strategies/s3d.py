@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -82,6 +83,12 @@ class SignedSplitting:
 
     kind = "split"
     distributed = True
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        unknown = set(options) - {"max_share"}
+        if unknown:
+            raise ValueError(f"unknown s3d options {sorted(unknown)}; known: ['max_share']")
+        check_max_share(options.get("max_share", MAX_SHARE))
 
     def candidates(self, ctx: RoundContext) -> Candidates:
         w = float(ctx.options.get("max_share", MAX_SHARE))

@@ -114,6 +114,9 @@ class GrowConfig:
     # λ_max > 0) …; ``directions`` other than "eigen" are baselines of "s2d" only
     strategy: str = "s2d"
     signed_max_share: float = 2.0  # s3d: largest magnitude W of an offspring's output share
+    # the strategy's own settings (see its module: gradmax scale, bias …; firefly candidates,
+    # steps, lr …); s3d's max_share is signed_max_share
+    strategy_options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0  # data order, line-search batch and the fast solver's start
     progress: bool = False  # tqdm progress bars (shown on a terminal only)
 
@@ -173,6 +176,9 @@ class GrowConfig:
                 f"not of {self.strategy!r}"
             )
         check_max_share(self.signed_max_share)
+        if not isinstance(self.strategy_options, dict):
+            raise ValueError(f"strategy_options must be a dict, got {self.strategy_options!r}")
+        STRATEGIES[self.strategy].check_options(_options(self))
         if not (0 < self.grow_ratio <= 1):
             raise ValueError(f"grow_ratio must be in (0, 1], got {self.grow_ratio!r}")
         if self.counts is not None:
@@ -710,7 +716,9 @@ def _split_round(
 
 def _options(cfg: GrowConfig) -> dict[str, Any]:
     """The strategy's own settings, from the config."""
-    return {"max_share": cfg.signed_max_share}
+    if cfg.strategy == "s3d":
+        return {"max_share": cfg.signed_max_share, **cfg.strategy_options}
+    return dict(cfg.strategy_options)
 
 
 def _scheduled(model: nn.Module, cfg: GrowConfig, record: dict[str, Any]) -> Any:
@@ -894,7 +902,7 @@ def _select(
             best = min(best, (loss, factor))
         eps = {k: best[1] * norms[k] for k in plan}
         record["eps"] = best[1]
-    if cfg.directions == "eigen":  # the second-order prediction of the loss change, Σ ε²/2·score
+    if cfg.directions == "eigen" and strategy.kind == "split":  # Σ ε²/2·score: second order
         record["predicted_loss_change"] = sum(
             float(
                 (
