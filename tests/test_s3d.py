@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from splitgrow import splitting_eigen
 from splitgrow.cli import main
+from splitgrow.strategies import STRATEGIES
 from splitgrow.strategies.s3d import signed_scores, signed_split
 from splitgrow.surgery.split import SignedSplit, signed_split_with_growth
 from splitgrow.training import GrowConfig, grow
@@ -213,3 +214,28 @@ def test_cli_grows_with_s3d(tmp_path) -> None:
     assert json.loads((out / "config.json").read_text())["grow"]["strategy"] == "s3d"
     assert any(r.get("split") for r in results["history"])
     assert main(["grow", "--strategy", "nope", "--out", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_cli_grows_with_every_registered_strategy(tmp_path, strategy: str) -> None:
+    out = tmp_path / strategy
+    # an MLP: gradmax skips bias-free ReLU units (a conv before BatchNorm), see its module
+    argv = ["grow", "--model", "mlp", "--dataset", "digits", "--widths", "6", "6",
+            "--strategy", strategy, "--rounds", "2", "--epochs-per-round", "1", "--no-latency",
+            "--budget-params", "3000", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    grown = [r for r in results["history"] if r.get("split") or r.get("new")]
+    assert grown, results["history"]
+    assert sum(results["widths"]) > 12 and results["params"] <= 3000
+
+
+def test_cli_refuses_bad_strategy_options(tmp_path) -> None:
+    base = ["grow", "--model", "mlp", "--widths", "4", "4", "--rounds", "1",
+            "--epochs-per-round", "1", "--no-latency"]  # fmt: skip
+    assert main([*base, "--strategy", "firefly", "--strategy-option", "steps=-1",
+                 "--out", str(tmp_path / "a")]) == 2  # fmt: skip
+    assert main([*base, "--strategy", "gradmax", "--strategy-option", "nope=1",
+                 "--out", str(tmp_path / "b")]) == 2  # fmt: skip
+    assert main([*base, "--strategy-option", "x=1", "--out", str(tmp_path / "c")]) == 2
+    assert not (tmp_path / "a" / "results.json").exists()
