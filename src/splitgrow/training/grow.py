@@ -870,6 +870,7 @@ def _select(
     if cfg.directions == "fresh":
         return _Plan(fresh={k: int(v.numel()) for k, v in chosen.items()})
     grown = strategy.plan(ctx, cands, chosen)
+    record.update(cands.record)  # what the plan added to it (e.g. gradmax's unpaired neurons)
     plan = dict(grown.split)
     if cfg.directions in ("random", "net2net"):  # baselines: same neurons, random directions
         for k, e in plan.items():
