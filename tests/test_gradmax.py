@@ -387,7 +387,15 @@ def test_bn_pairs_stay_alive_in_train_mode(kind: str) -> None:
     plain = {
         k: NewNeurons(v.count, v.incoming, dict(v.outgoing)) for k, v in plan.new.items()
     }  # chain_bias left out
-    for new, alive in ((plan.new, True), (plain, False)):
+    variants = [(plan.new, True), (plain, False)]
+    if kind == "conv-bias":  # b in the conv's bias instead: the batch mean removes it
+        in_layer = {}
+        for k, v in plain.items():
+            theta = v.incoming.clone()  # type: ignore[union-attr]
+            theta[:, -1] = 1.0
+            in_layer[k] = NewNeurons(v.count, theta, dict(v.outgoing))
+        variants.append((in_layer, False))
+    for new, alive in variants:
         grown, _, _ = add_neurons(model, new, generator=torch.Generator().manual_seed(1))
         train(grown, x, y, 5, 0.05)
         fired = _firing(grown, x, ("a1", "a2"))

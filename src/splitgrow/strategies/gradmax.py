@@ -11,11 +11,20 @@ through its input patches, the unfold of GradMax's paper). For ‖c‖ = r the l
 norm is r·s₁ (s₁ the top singular value of M), reached at c = r·u₁.
 
 Each candidate is inserted as a **± pair**: two neurons with the same incoming parameters
-(zero weights, bias b > 0 where the layer has a bias) and columns +c and −c. Their channels are
-equal (same chain, identity BatchNorm, same padding), so they cancel exactly whatever σ(b) is:
-the function is unchanged at insertion for every activation, σ(0) ≠ 0 included. With b > 0 a
-ReLU-like unit sits in its linear region and both neurons get the gradients ±Mᵀc, so neither is
-dead (a single zero-fan-in ReLU neuron has relu'(0) = 0 and never moves).
+(zero weights) and columns +c and −c, and a pre-activation b > 0 (``bias_site``): when the unit's
+first BatchNorm has a bias and sits between the layer and the activation (Conv(bias=False) → BN
+→ ReLU, the common CNN block), b is the new channels' BatchNorm bias
+(``NewNeurons.chain_bias``) and the layer's bias, if any, stays 0: the zero conv output
+normalises to 0 in eval mode (running mean 0, var 1) and in train mode (a constant channel), so
+the pre-activation is b in both; a layer bias before BatchNorm would be removed by the batch
+mean in train mode. Otherwise b is the layer's bias. The two channels are equal (same chain,
+same BatchNorm channel, same padding), so they cancel exactly whatever σ(b) is, in eval and in
+train mode: the function is unchanged at insertion for every activation, σ(0) ≠ 0 included.
+With b > 0 a ReLU-like unit sits in its linear region and both neurons get the gradients ±Mᵀc,
+so neither is dead (a single zero-fan-in ReLU neuron has relu'(0) = 0 and never moves). M is
+computed at this operating point with BatchNorm's running statistics; in train mode a new
+channel's batch variance starts at 0, so the first SGD steps on it are amplified by up to
+1/√eps of BatchNorm (its scale invariance) and its output reaches full size at once.
 
 Scores: the candidates of a unit are its new *neurons*; neurons 2j and 2j + 1 form pair j (columns
 +c_j and −c_j, c_j = r·u_j) and each scores −r²·s_j² = −‖∂L/∂θ‖² of that neuron, so a pair scores
@@ -27,9 +36,12 @@ neuron whose partner was not chosen is dropped (recorded), never grown alone.
 Options (``ctx.options``):
     ``scale`` (float > 0, default 1.0): r, the norm of each new neuron's columns, as a multiple of
         the mean column norm of the unit's existing neurons (of 1.0 when those are all zero).
-    ``bias`` (float >= 0, default 1.0): b, the new neurons' bias (before any BatchNorm). A unit
-        without a bias keeps b = 0, and is skipped when its zero-fan-in neurons get no gradient
-        (a ReLU-like chain), with the reason recorded.
+    ``bias`` (float >= 0, default 1.0): b, the new neurons' pre-activation: the bias of the
+        BatchNorm between the layer and the activation, else the layer's bias (recorded per unit
+        in ``bias_in``: ``"batchnorm"``, ``"layer"`` or ``"none"``). A bias-free unit with no such
+        BatchNorm (none, one after the activation, or one with ``affine=False``) keeps b = 0, and
+        is skipped when its zero-fan-in neurons get no gradient (a ReLU-like chain), with the
+        reason recorded.
     ``max_pairs`` (int >= 1 or None, default None): at most this many pairs per unit (otherwise
         ⌊n/2⌋, and at most the rank of M).
     ``rank_tol`` (float >= 0, default 1e-8): singular values below ``rank_tol``·s₁ are not offered.

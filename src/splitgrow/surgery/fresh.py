@@ -7,7 +7,7 @@ default initialisation instead of a copy of an existing neuron. Strategies that 
 (GradMax, Firefly) give their weights to ``add_neurons``. Both are built on the split surgery
 (ε = 0 copies of some parents), then rewritten: parents' consumer columns restored, new columns
 set (zero by default), new rows set (drawn afresh by default), their BatchNorm reset to the
-identity.
+identity (but for a given ``chain_bias`` in the unit's first BatchNorm).
 """
 
 from __future__ import annotations
