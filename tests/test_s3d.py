@@ -219,7 +219,7 @@ def test_cli_grows_with_s3d(tmp_path) -> None:
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_cli_grows_with_every_registered_strategy(tmp_path, strategy: str) -> None:
     out = tmp_path / strategy
-    # an MLP: gradmax skips bias-free ReLU units (a conv before BatchNorm), see its module
+    # an MLP: fast for every strategy (gradmax on a Conv→BN→ReLU CNN: test_gradmax.py)
     argv = ["grow", "--model", "mlp", "--dataset", "digits", "--widths", "6", "6",
             "--strategy", strategy, "--rounds", "2", "--epochs-per-round", "1", "--no-latency",
             "--budget-params", "3000", "--out", str(out)]  # fmt: skip

@@ -11,11 +11,20 @@ through its input patches, the unfold of GradMax's paper). For ‖c‖ = r the l
 norm is r·s₁ (s₁ the top singular value of M), reached at c = r·u₁.
 
 Each candidate is inserted as a **± pair**: two neurons with the same incoming parameters
-(zero weights, bias b > 0 where the layer has a bias) and columns +c and −c. Their channels are
-equal (same chain, identity BatchNorm, same padding), so they cancel exactly whatever σ(b) is:
-the function is unchanged at insertion for every activation, σ(0) ≠ 0 included. With b > 0 a
-ReLU-like unit sits in its linear region and both neurons get the gradients ±Mᵀc, so neither is
-dead (a single zero-fan-in ReLU neuron has relu'(0) = 0 and never moves).
+(zero weights) and columns +c and −c, and a pre-activation b > 0 (``bias_site``): when the unit's
+first BatchNorm has a bias and sits between the layer and the activation (Conv(bias=False) → BN
+→ ReLU, the common CNN block), b is the new channels' BatchNorm bias
+(``NewNeurons.chain_bias``) and the layer's bias, if any, stays 0: the zero conv output
+normalises to 0 in eval mode (running mean 0, var 1) and in train mode (a constant channel), so
+the pre-activation is b in both; a layer bias before BatchNorm would be removed by the batch
+mean in train mode. Otherwise b is the layer's bias. The two channels are equal (same chain,
+same BatchNorm channel, same padding), so they cancel exactly whatever σ(b) is, in eval and in
+train mode: the function is unchanged at insertion for every activation, σ(0) ≠ 0 included.
+With b > 0 a ReLU-like unit sits in its linear region and both neurons get the gradients ±Mᵀc,
+so neither is dead (a single zero-fan-in ReLU neuron has relu'(0) = 0 and never moves). M is
+computed at this operating point with BatchNorm's running statistics; in train mode a new
+channel's batch variance starts at 0, so the first SGD steps on it are amplified by up to
+1/√eps of BatchNorm (its scale invariance) and its output reaches full size at once.
 
 Scores: the candidates of a unit are its new *neurons*; neurons 2j and 2j + 1 form pair j (columns
 +c_j and −c_j, c_j = r·u_j) and each scores −r²·s_j² = −‖∂L/∂θ‖² of that neuron, so a pair scores
@@ -27,9 +36,12 @@ neuron whose partner was not chosen is dropped (recorded), never grown alone.
 Options (``ctx.options``):
     ``scale`` (float > 0, default 1.0): r, the norm of each new neuron's columns, as a multiple of
         the mean column norm of the unit's existing neurons (of 1.0 when those are all zero).
-    ``bias`` (float >= 0, default 1.0): b, the new neurons' bias (before any BatchNorm). A unit
-        without a bias keeps b = 0, and is skipped when its zero-fan-in neurons get no gradient
-        (a ReLU-like chain), with the reason recorded.
+    ``bias`` (float >= 0, default 1.0): b, the new neurons' pre-activation: the bias of the
+        BatchNorm between the layer and the activation, else the layer's bias (recorded per unit
+        in ``bias_in``: ``"batchnorm"``, ``"layer"`` or ``"none"``). A bias-free unit with no such
+        BatchNorm (none, one after the activation, or one with ``affine=False``) keeps b = 0, and
+        is skipped when its zero-fan-in neurons get no gradient (a ReLU-like chain), with the
+        reason recorded.
     ``max_pairs`` (int >= 1 or None, default None): at most this many pairs per unit (otherwise
         ⌊n/2⌋, and at most the rank of M).
     ``rank_tol`` (float >= 0, default 1e-8): singular values below ``rank_tol``·s₁ are not offered.
@@ -42,9 +54,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from splitgrow.graph.analyze import analyze
+from splitgrow._attrs import optional_tensor
+from splitgrow.graph.analyze import LayerInfo, analyze
+from splitgrow.graph.ops import StepKind
 from splitgrow.strategies.base import Candidates, GrowPlan, RoundContext, register_strategy
 from splitgrow.strategies.probe import (
     NewNeuronProbe,
@@ -55,7 +69,7 @@ from splitgrow.strategies.probe import (
     outgoing_norms,
     plain_consumer_reason,
 )
-from splitgrow.surgery.fresh import NewNeurons
+from splitgrow.surgery.fresh import NewNeurons, first_batchnorm
 
 OPTIONS = ("scale", "bias", "max_pairs", "rank_tol")
 
@@ -85,6 +99,44 @@ class GradMaxOptions:
         )
 
 
+def bias_site(info: LayerInfo, modules: Mapping[str, nn.Module]) -> tuple[str, str]:
+    """Where a new neuron's bias b goes, and why a neuron of zero fan-in may get no gradient.
+
+    ``"batchnorm"`` when the unit's first BatchNorm has a bias and sits between the layer and
+    the first activation (no activation or curved op before it in the chain): b is the new
+    channels' BatchNorm bias (``NewNeurons.chain_bias``) and the layer's bias, if any, stays 0,
+    so that the pre-activation is b in eval mode and with batch statistics (train mode) alike;
+    a layer bias before BatchNorm would be removed by the batch mean in train mode. Otherwise
+    ``"layer"`` when the layer has a bias, else ``"none"`` (b = 0).
+
+    Args:
+        info: the unit.
+        modules: ``dict(model.named_modules())``.
+
+    Returns:
+        ``(site, reason)``: ``reason`` describes the arrangement for a skip record.
+    """
+    bn = first_batchnorm(info, modules)
+    has_bias = info.members[0].has_bias
+    if bn is not None and bn.module is not None:
+        before = info.chain[: info.chain.index(bn)]
+        after_act = any(c.kind in (StepKind.ACTIVATION, StepKind.CURVED) for c in before)
+        affine = optional_tensor(modules[bn.module], "bias") is not None
+        if affine and not after_act:
+            return "batchnorm", f"a zero loss gradient; b is the bias of BatchNorm '{bn.module}'"
+        if not has_bias:
+            where = "follows the activation" if after_act else "has no bias (affine=False)"
+            return "none", (
+                f"a bias-free layer whose BatchNorm '{bn.module}' {where}: a ReLU-like unit "
+                "at 0 is dead"
+            )
+    if has_bias:
+        return "layer", "a zero loss gradient; b is the layer's bias"
+    return "none", (
+        "a bias-free layer without a BatchNorm before the activation: a ReLU-like unit at 0 is dead"
+    )
+
+
 @dataclass(frozen=True)
 class UnitPairs:
     """One unit's pairs: incoming θ (d,), columns (pairs, out, block, *kernel) at norm r."""
@@ -93,6 +145,7 @@ class UnitPairs:
     columns: Tensor
     consumer: str
     singular: Tensor  # (pairs,) s_j
+    chain_bias: float | None = None  # b in the first BatchNorm's bias (NewNeurons.chain_bias)
 
 
 @register_strategy("gradmax")
@@ -113,6 +166,7 @@ class GradMax:
         scores: dict[str, Tensor] = {}
         state: dict[str, UnitPairs] = {}
         skipped: dict[str, str] = {}
+        bias_in: dict[str, str] = {}  # unit: "batchnorm", "layer" or "none" (bias_site)
         for name in structure.splittable():
             info = structure.layers[name]
             why = plain_consumer_reason(info, modules)
@@ -121,19 +175,20 @@ class GradMax:
             if why is not None:
                 skipped[name] = why
                 continue
-            probe = NewNeuronProbe(ctx.model, info, 1, ctx.loss_fn, ctx.data, ctx.generator)
+            member = info.members[0]
+            at, why_zero = bias_site(info, modules)
+            chain_bias = opts.bias if at == "batchnorm" else None
+            probe = NewNeuronProbe(
+                ctx.model, info, 1, ctx.loss_fn, ctx.data, ctx.generator, chain_bias=chain_bias
+            )
             ref = probe.ref
             theta = torch.zeros(1, info.d, dtype=ref.dtype, device=ref.device)
-            member = info.members[0]
-            if member.has_bias:
+            if at == "layer":
                 theta[0, member.d - 1] = opts.bias
             m = mixed_hessian(probe, theta)
             u, s, _ = torch.linalg.svd(m, full_matrices=False)
             if s.numel() == 0 or float(s[0]) == 0.0:
-                skipped[name] = (
-                    "zero-fan-in neurons get no gradient here (a ReLU-like chain at 0 without "
-                    "a bias, or a zero loss gradient)"
-                )
+                skipped[name] = f"zero-fan-in neurons get no gradient here ({why_zero})"
                 continue
             keep = int((s > opts.rank_tol * s[0]).sum())
             pairs = min(keep, info.n // 2, opts.max_pairs or info.n)
@@ -143,10 +198,12 @@ class GradMax:
             u = u[:, :pairs].T * torch.where(u[:, :pairs].sum(0) < 0, -1.0, 1.0)[:, None].to(u)
             shape = probe.out_shape  # (out, block, *kernel) for one neuron
             columns = (r * u).reshape(pairs, *shape)
-            state[name] = UnitPairs(theta[0], columns, probe.consumer, s[:pairs])
+            state[name] = UnitPairs(theta[0], columns, probe.consumer, s[:pairs], chain_bias)
+            bias_in[name] = at
             scores[name] = (-(r**2) * s[:pairs] ** 2).repeat_interleave(2)
         record: dict[str, Any] = {
             "skipped": skipped,
+            "bias_in": bias_in,
             "top_singular": {k: float(v.singular[0]) for k, v in state.items()},
         }
         return Candidates(scores, state, record)
@@ -178,6 +235,8 @@ class GradMax:
             both = torch.stack([cols, -cols], dim=1).flatten(0, 1)  # +c, −c, +c, −c …
             outgoing = both.movedim(0, 1).flatten(1, 2)  # (out, 2p·block, *kernel)
             theta = unit.theta.expand(2 * len(pairs), -1).clone()
-            new[name] = NewNeurons(2 * len(pairs), theta, {unit.consumer: outgoing})
+            new[name] = NewNeurons(
+                2 * len(pairs), theta, {unit.consumer: outgoing}, chain_bias=unit.chain_bias
+            )
         cands.record["dropped_unpaired"] = dropped
         return GrowPlan(new=new)

@@ -7,6 +7,9 @@ columns C ``(out, count·block, *kernel)`` given as tensors, so that autograd di
 loss in them through whatever per-channel chain (BatchNorm, activation, pooling, flatten) and
 consumer (Linear, or Conv through its input patches) the model has. BatchNorm uses its running
 statistics and dropout is off (the model copy is in eval mode), as in every splitting computation.
+The new channels' BatchNorm is the identity, except for the bias of the unit's first BatchNorm
+when ``chain_bias`` is given (``NewNeurons.chain_bias``: gradmax's operating point of a
+bias-free layer before BatchNorm).
 """
 
 from __future__ import annotations
@@ -71,6 +74,8 @@ class NewNeuronProbe:
         loss_fn: mean loss of a batch.
         data: the batches; the loss is their mean weighted by size.
         generator: random source of the insertion (which slots the surgery copies).
+        chain_bias: the new channels' bias in the unit's first BatchNorm
+            (:attr:`~splitgrow.surgery.fresh.NewNeurons.chain_bias`); ``None``: 0.
     """
 
     def __init__(
@@ -81,6 +86,7 @@ class NewNeuronProbe:
         loss_fn: Callable[[Tensor, Tensor], Tensor],
         data: Sequence[Batch],
         generator: torch.Generator,
+        chain_bias: float | None = None,
     ) -> None:
         self.info = info
         self.count = count
@@ -89,7 +95,8 @@ class NewNeuronProbe:
         self.samples = sum(len(y) for _, y in self.data)
         if not self.samples:
             raise ValueError("data holds no samples")
-        grown, _, _ = add_neurons(model, {info.name: NewNeurons(count)}, generator=generator)
+        spec = NewNeurons(count, chain_bias=chain_bias)
+        grown, _, _ = add_neurons(model, {info.name: spec}, generator=generator)
         grown.eval()
         self.grown = grown
         modules = dict(grown.named_modules())

@@ -7,7 +7,7 @@ default initialisation instead of a copy of an existing neuron. Strategies that 
 (GradMax, Firefly) give their weights to ``add_neurons``. Both are built on the split surgery
 (ε = 0 copies of some parents), then rewritten: parents' consumer columns restored, new columns
 set (zero by default), new rows set (drawn afresh by default), their BatchNorm reset to the
-identity.
+identity (but for a given ``chain_bias`` in the unit's first BatchNorm).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from splitgrow._attrs import optional_tensor, tensor
-from splitgrow.graph.analyze import analyze
+from splitgrow.graph.analyze import ChainNode, LayerInfo, Segments, analyze
 from splitgrow.surgery.split import GrowthMap, channel_map, offspring_pairs, split_with_growth
 
 
@@ -37,11 +37,18 @@ class NewNeurons:
         outgoing: ``{consumer name: (out, count·block, *kernel)}`` their columns in each consumer
             (after a flatten, ``block`` columns per channel, channel after channel); a consumer
             left out gets zero columns, so the function is unchanged.
+        chain_bias: the BatchNorm bias (β) of the new channels in the unit's first BatchNorm
+            (first in graph order along its chain), a float for all of them or a ``(count,)``
+            tensor; ``None``: 0, so that the new BatchNorm channel is the identity (running mean
+            0, running variance 1, weight 1). With a zero-fan-in neuron of a bias-free layer and
+            that BatchNorm before the activation, it sets the pre-activation to β in eval and in
+            train mode (a constant zero channel normalises to 0).
     """
 
     count: int
     incoming: Tensor | None = None
     outgoing: Mapping[str, Tensor] = field(default_factory=dict)
+    chain_bias: float | Tensor | None = None
 
 
 def add_fresh_neurons(
@@ -73,7 +80,9 @@ def add_neurons(
 
     Raises:
         ValueError: an unknown or unsplittable layer, a count outside ``[0, width]``, weights of
-            the wrong shape or with NaN, an outgoing entry for a module that is not a consumer.
+            the wrong shape or with NaN, an outgoing entry for a module that is not a consumer,
+            a ``chain_bias`` of the wrong shape or not finite, or for a unit without an affine
+            BatchNorm in its chain.
     """
     structure = analyze(model)
     ref = next(iter(model.parameters()))
@@ -86,6 +95,7 @@ def add_neurons(
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= info.n:
             raise ValueError(f"counts['{name}'] must be an integer in [0, {info.n}], got {k!r}")
         _check_weights(name, spec, info)
+        _check_chain_bias(name, spec, info, model)
         if k:
             idx = torch.randperm(info.n, generator=generator)[:k]
             plan[name] = (idx, torch.zeros(k, info.d, dtype=torch.float64))
@@ -151,7 +161,66 @@ def add_neurons(
                     t = optional_tensor(chain, attr)
                     if t is not None:
                         t[fresh.to(t.device)] = value
+        for name in plan:
+            beta = new[name].chain_bias
+            if beta is None:
+                continue
+            node = first_batchnorm(structure.layers[name], modules)
+            assert node is not None and node.module is not None  # checked above
+            bias = tensor(modules[node.module], "bias")
+            mine = _new_channels_of(node.segments, chosen, name).to(bias.device)
+            bias[mine] = torch.as_tensor(beta, dtype=torch.float64).to(bias)
     return grown, growth, pairs
+
+
+def first_batchnorm(info: LayerInfo, modules: Mapping[str, nn.Module]) -> ChainNode | None:
+    """The first node of ``info``'s chain (in graph order) that is a BatchNorm module.
+
+    Args:
+        info: the unit.
+        modules: ``dict(model.named_modules())`` of the model ``info`` describes.
+
+    Returns:
+        That chain node, or ``None`` when the chain holds no BatchNorm.
+    """
+    for c in info.chain:
+        if c.module is not None and isinstance(
+            modules.get(c.module), nn.modules.batchnorm._BatchNorm
+        ):
+            return c
+    return None
+
+
+def _new_channels_of(segments: Segments, chosen: Mapping[str, Tensor], unit: str) -> Tensor:
+    """``(channels,)`` mask of ``unit``'s new channels in a tensor made of ``segments``."""
+    new = channel_map(segments, chosen).new
+    owner = []
+    for seg, size in segments:
+        idx = chosen.get(seg)
+        owner += [seg == unit] * (size + (0 if idx is None else idx.numel()))
+    return new & torch.tensor(owner, dtype=torch.bool)
+
+
+def _check_chain_bias(name: str, spec: NewNeurons, info: LayerInfo, model: nn.Module) -> None:
+    beta = spec.chain_bias
+    if beta is None:
+        return
+    what = f"new['{name}'].chain_bias"
+    if isinstance(beta, Tensor):
+        if tuple(beta.shape) not in ((), (spec.count,)):
+            raise ValueError(f"{what} must be a float or have shape ({spec.count},)")
+        if not bool(torch.isfinite(beta).all()):
+            raise ValueError(f"{what} contains NaN or infinite values")
+    elif isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
+        raise ValueError(f"{what} must be a finite float or a tensor, got {beta!r}")
+    modules = dict(model.named_modules())
+    node = first_batchnorm(info, modules)
+    if node is None or node.module is None:
+        raise ValueError(f"{what} is given but '{name}' has no BatchNorm in its chain")
+    if optional_tensor(modules[node.module], "bias") is None:
+        raise ValueError(
+            f"{what} is given but BatchNorm '{node.module}' has no bias (affine=False)"
+        )
 
 
 def _check_weights(name: str, spec: NewNeurons, info: Any) -> None:
