@@ -177,7 +177,7 @@ def _record(
         "flops": flops(out.model, s.data.test.x[:1].to(s.device)),
         # ONNX Runtime, CPU, batch 1, one thread: median of 50 runs
         "latency_ms": latency_ms(
-            copy.deepcopy(out.model).cpu(), s.data.test.x[:1], warmup=10, repeats=50
+            copy.deepcopy(out.model).cpu().float(), s.data.test.x[:1], warmup=10, repeats=50
         )["ms"],
         "widths": widths_of(out.model),
         "test_acc": test["accuracy"],
