@@ -6,8 +6,10 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from _bruteforce import blocks, off_block_max, split_hessian, split_loss_fn
 from _models import REGISTRY, build, loss_fn
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import splitgrow
@@ -322,3 +324,24 @@ def test_weighted_grams_both_paths_match_the_definition(d: int) -> None:
     expected = torch.einsum("ip,pa,pb->iab", w, x, x)
     torch.testing.assert_close(weighted_grams(x, w), expected, rtol=1e-12, atol=1e-12)
     assert (d <= GEMM_MAX_D) == (d == 5)  # both branches are exercised
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("conv", [nn.Conv1d, nn.Conv2d])
+@pytest.mark.parametrize("bias", [True, False])
+def test_pointwise_conv_patches_equal_unfold(stride: int, conv: type, bias: bool) -> None:
+    """The 1×1 shortcut (strided pixels, no unfold) gives unfold's patches."""
+    from splitgrow.splitting import neurons
+
+    module = conv(3, 4, 1, stride=stride, bias=bias)
+    x = torch.randn(2, 3, *([5, 7] if conv is nn.Conv2d else [9]))
+    got = neurons.handler(module).patches(module, x)
+    x2 = x if conv is nn.Conv2d else x.unsqueeze(-1)
+    k = (1, 1)
+    ref = F.unfold(x2, kernel_size=k, stride=(stride, stride) if conv is nn.Conv2d else (stride, 1))
+    ref = ref.transpose(1, 2)
+    if bias:
+        ref = torch.cat([ref, torch.ones(*ref.shape[:-1], 1)], dim=-1)
+    assert got is not None and torch.equal(got, ref)
+    y = module(x)
+    assert got.shape[1] == y[0, 0].numel()  # one patch per output position

@@ -596,10 +596,25 @@ class ChainProblem(LocalProblem):
                 w * (base if scale is None else base * scale)
                 for w, (base, scale) in zip(self._weights(us, slice(None)), tangents, strict=True)
             ]
+        handler = neurons.handler(self.module)
+        patches = handler.patches(self.module, self.x)  # (B, P, d) or None
+        if patches is None:  # no patches: pull back through the layer by autograd as well
+            with torch.enable_grad():
+                th = self.th.detach().requires_grad_(True)
+                outs = self._u(neurons.forward(self.module, self.x, th))
+                (cols,) = torch.autograd.grad(outs, th, pulled, is_grads_batched=True)
+            return cols.permute(1, 2, 0)  # (m, n, d) → (n, d, m)
+        # pull back through the chain (batched over the m columns), then through the layer with
+        # one product for all columns: Σ_{b,p} r_{b,i,p} x̃_{b,p}
+        m, batch = v.shape[2], self.y.shape[0]
         with torch.enable_grad():
-            th = self.th.detach().requires_grad_(True)
-            outs = self._u(neurons.forward(self.module, self.x, th))
-            (cols,) = torch.autograd.grad(outs, th, pulled, is_grads_batched=True)
+            y = self.y.detach().requires_grad_(True)
+            outs = self._u(y)
+            (ry,) = torch.autograd.grad(outs, y, pulled, is_grads_batched=True)
+        ry = ry.reshape(m * batch, *self.y.shape[1:])
+        r = handler.to_bnp(self.module, ry).reshape(m, batch, self.n, -1)  # (m, B, n, P)
+        r = r.permute(0, 2, 1, 3).reshape(m * self.n, -1)  # (m·n, B·P)
+        cols = (r @ patches.reshape(-1, self.d)).view(m, self.n, self.d)
         return cols.permute(1, 2, 0)  # (m, n, d) → (n, d, m)
 
 

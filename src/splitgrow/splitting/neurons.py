@@ -103,6 +103,10 @@ class ConvHandler:
         dilation: tuple[int, ...] = tuple(attr(module, "dilation"))
         stride: tuple[int, ...] = tuple(attr(module, "stride"))
         padding: tuple[int, ...] = (0,) * len(kernel) if pad_attr == "valid" else tuple(pad_attr)
+        if all(k == 1 for k in kernel) and all(q == 0 for q in padding):
+            # a pointwise convolution: the patches are the (strided) pixels, no unfold needed
+            x = x[(slice(None), slice(None), *(slice(None, None, st) for st in stride))]
+            return _with_bias(module, x.reshape(x.shape[0], x.shape[1], -1).transpose(1, 2))
         if isinstance(module, nn.Conv1d):  # as a Conv2d with a trailing unit dimension
             x = x.unsqueeze(-1)
             kernel, dilation, stride, padding = (
