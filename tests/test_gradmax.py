@@ -22,12 +22,15 @@ from _growmodels import (
 )
 from torch import nn
 
+from splitgrow import data
 from splitgrow.cli import main
 from splitgrow.graph.analyze import analyze
 from splitgrow.strategies.base import STRATEGIES, strategy_for
 from splitgrow.strategies.gradmax import GradMax
 from splitgrow.strategies.probe import NewNeuronProbe, mixed_hessian
+from splitgrow.strategies.s2d import added_parameters
 from splitgrow.surgery.fresh import NewNeurons, add_fresh_neurons, add_neurons
+from splitgrow.training import GrowConfig, grow
 
 
 def test_registered() -> None:
@@ -79,7 +82,7 @@ def test_mixed_hessian_and_scores_match_a_per_sample_sum() -> None:
     state = cands.state["2"]
     pairs = state.columns.shape[0]
     torch.testing.assert_close(state.singular, sv[:pairs], rtol=1e-10, atol=1e-14)
-    expected = (-(r**2) * sv[:pairs] ** 2).repeat_interleave(2)
+    expected = -2 * r**2 * sv[:pairs] ** 2  # a pair: two neurons of gradient norm² r²s²
     torch.testing.assert_close(cands.scores["2"], expected, rtol=1e-10, atol=1e-16)
     u = torch.linalg.svd(ref)[0][:, 0]  # the best pair's columns: ± r·u₁
     c = state.columns[0].reshape(-1)
@@ -106,7 +109,10 @@ def test_scores_are_the_gradient_norms_of_the_inserted_neurons(kind: str) -> Non
         g = torch.cat([gw[-count:].reshape(count, -1), gb[-count:, None]], dim=1)
         torch.testing.assert_close(g[0::2], -g[1::2], rtol=1e-10, atol=1e-14)
         torch.testing.assert_close(
-            g.pow(2).sum(1), -cands.scores[name][:count], rtol=1e-8, atol=1e-14
+            g.pow(2).sum(1),
+            -cands.scores[name].repeat_interleave(2)[:count] / 2,
+            rtol=1e-8,
+            atol=1e-14,
         )
 
 
@@ -155,7 +161,7 @@ def test_trains_faster_than_random_new_neurons(act: str) -> None:
         train(model, x, y, 40, 0.3)
         ctx = context(model, [(x, y)], seed=seed)
         cands, chosen = all_candidates(GradMax(), ctx)
-        plan = GradMax().plan(ctx, cands, {"0": chosen["0"][:4]})  # two pairs in the hidden layer
+        plan = GradMax().plan(ctx, cands, {"0": chosen["0"][:2]})  # two pairs in the hidden layer
         assert plan.new["0"].count == 4
         gen = torch.Generator().manual_seed(seed)
         grown, _, _ = add_neurons(model, plan.new, generator=gen)
@@ -167,13 +173,16 @@ def test_trains_faster_than_random_new_neurons(act: str) -> None:
     assert mean_gm < mean_rnd, (gm, rnd)
 
 
-def test_unpaired_choice_is_dropped_and_recorded() -> None:
+def test_a_candidate_is_a_pair_charged_as_two_neurons() -> None:
     model, batches = model_and_data("mlp", "tanh")
     ctx = context(model, batches)
     cands = GradMax().candidates(ctx)
-    plan = GradMax().plan(ctx, cands, {"0": torch.tensor([0, 1, 2])})
-    assert plan.new["0"].count == 2
-    assert cands.record["dropped_unpaired"] == {"0": [2]}
+    assert cands.size == {k: 2 for k in cands.scores}
+    plan = GradMax().plan(ctx, cands, {"0": torch.tensor([0, 2])})
+    assert plan.new["0"].count == 4
+    out = plan.new["0"].outgoing
+    cols = next(iter(out.values()))
+    torch.testing.assert_close(cols[:, 0::2], -cols[:, 1::2])  # +c, −c per pair
     with pytest.raises(ValueError, match="99"):
         GradMax().plan(ctx, cands, {"0": torch.tensor([99])})
 
@@ -319,7 +328,7 @@ def test_bias_free_mixed_hessian_and_scores_match_a_per_sample_sum() -> None:
     state = cands.state["c2"]
     pairs = state.columns.shape[0]
     torch.testing.assert_close(state.singular, sv[:pairs], rtol=1e-10, atol=1e-14)
-    expected = (-(r**2) * sv[:pairs] ** 2).repeat_interleave(2)
+    expected = -2 * r**2 * sv[:pairs] ** 2  # a pair: two neurons of gradient norm² r²s²
     torch.testing.assert_close(cands.scores["c2"], expected, rtol=1e-10, atol=1e-16)
     # without b the bias-free ReLU unit is dead: M = 0
     dead = NewNeuronProbe(model, info, 1, F.cross_entropy, batches, torch.Generator())
@@ -346,7 +355,10 @@ def test_bias_free_scores_are_the_gradient_norms_of_the_inserted_neurons(head: s
         g = gw[-count:].reshape(count, -1)
         torch.testing.assert_close(g[0::2], -g[1::2], rtol=1e-10, atol=1e-14)
         torch.testing.assert_close(
-            g.pow(2).sum(1), -cands.scores[name][:count], rtol=1e-8, atol=1e-14
+            g.pow(2).sum(1),
+            -cands.scores[name].repeat_interleave(2)[:count] / 2,
+            rtol=1e-8,
+            atol=1e-14,
         )
 
 
@@ -469,3 +481,26 @@ def test_cli_grows_a_bias_free_conv_bn_cnn(tmp_path: Path) -> None:
         # its four bias-free convs, each before a BatchNorm and a ReLU
         assert r["bias_in"] == dict.fromkeys(convs, "batchnorm")
         assert r.get("new") and all(v > 0 and v % 2 == 0 for v in r["new"].values())
+
+
+def test_a_budget_for_one_pair_grows_one_pair_and_less_grows_nothing() -> None:
+    """Selection charges a pair as two neurons: a budget that fits one pair grows exactly one,
+    and one that fits a single neuron but no pair stops growth ("budget"), claiming nothing."""
+    digits = data.load("digits", seed=0)
+    torch.manual_seed(0)
+    model = mlp("relu", (64, 6, 6, 10)).float()
+    batches = [(x.flatten(1), y) for x, y in digits.train.batches(128)[:2]]
+    start = sum(p.numel() for p in model.parameters())
+    structure = analyze(model)
+    modules = dict(model.named_modules())
+    cheapest = min(added_parameters(structure.layers[k], modules) for k in structure.splittable())
+    for extra, grows in ((2 * cheapest, True), (2 * cheapest - 1, False)):
+        cfg = GrowConfig(rounds=1, epochs_per_round=1, strategy="gradmax",
+                         budget_params=start + extra, grow_ratio=1.0)  # fmt: skip
+        res = grow(copy.deepcopy(model), batches, loss_fn=F.cross_entropy, config=cfg)
+        first = res.history[0]
+        assert res.history[-1]["params"] <= start + extra
+        if grows:
+            assert sum(first["new"].values()) == 2 and res.history[-1]["params"] == start + extra
+        else:
+            assert "new" not in first and res.stopped == "budget"

@@ -45,11 +45,14 @@ class RoundContext:
 class Candidates:
     """A strategy's candidates: ``scores[unit]`` is ``(m,)``, the predicted loss change of growing
     candidate j of that unit (only negative ones are taken); ``state`` is the strategy's own (what
-    :meth:`Strategy.plan` needs); ``record`` a JSON summary for the round's history."""
+    :meth:`Strategy.plan` needs); ``record`` a JSON summary for the round's history; ``size[unit]``
+    how many neurons one candidate of that unit adds (1 when left out): the selection charges
+    every budget and maximum width that many neurons per candidate."""
 
     scores: dict[str, Tensor]
     state: Any = None
     record: dict[str, Any] = field(default_factory=dict)
+    size: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass

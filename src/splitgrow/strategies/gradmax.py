@@ -26,12 +26,11 @@ computed at this operating point with BatchNorm's running statistics; in train m
 channel's batch variance starts at 0, so the first SGD steps on it are amplified by up to
 1/√eps of BatchNorm (its scale invariance) and its output reaches full size at once.
 
-Scores: the candidates of a unit are its new *neurons*; neurons 2j and 2j + 1 form pair j (columns
-+c_j and −c_j, c_j = r·u_j) and each scores −r²·s_j² = −‖∂L/∂θ‖² of that neuron, so a pair scores
-−2r²s_j², the rate dL/dt = −‖∇L‖² at which gradient flow on the new incoming parameters starts
-to lower the loss (a first SGD step of learning rate η lowers it by about η·2r²s_j²). The loop
-charges one neuron's cost per candidate, so a pair is charged twice, as it costs; a chosen
-neuron whose partner was not chosen is dropped (recorded), never grown alone.
+Scores: the candidates of a unit are its *pairs* (``Candidates.size`` = 2: the loop charges two
+neurons per candidate, as a pair costs). Pair j (columns +c_j and −c_j, c_j = r·u_j) scores
+−2r²s_j²: each of its neurons has ‖∂L/∂θ‖² = r²s_j², and −‖∇L‖² is the rate dL/dt at which
+gradient flow on the new incoming parameters starts to lower the loss (a first SGD step of
+learning rate η lowers it by about η·2r²s_j²).
 
 Options (``ctx.options``):
     ``scale`` (float > 0, default 1.0): r, the norm of each new neuron's columns, as a multiple of
@@ -200,35 +199,30 @@ class GradMax:
             columns = (r * u).reshape(pairs, *shape)
             state[name] = UnitPairs(theta[0], columns, probe.consumer, s[:pairs], chain_bias)
             bias_in[name] = at
-            scores[name] = (-(r**2) * s[:pairs] ** 2).repeat_interleave(2)
+            scores[name] = -2 * r**2 * s[:pairs] ** 2
         record: dict[str, Any] = {
             "skipped": skipped,
             "bias_in": bias_in,
             "top_singular": {k: float(v.singular[0]) for k, v in state.items()},
         }
-        return Candidates(scores, state, record)
+        return Candidates(scores, state, record, size={k: 2 for k in scores})
 
     def plan(self, ctx: RoundContext, cands: Candidates, chosen: Mapping[str, Tensor]) -> GrowPlan:
-        """New neurons for the chosen candidates: the pairs both of whose neurons were chosen.
+        """New neurons for the chosen candidates: two per chosen pair.
 
         Raises:
             ValueError: a unit without candidates, or an index outside its candidates.
         """
         state: dict[str, UnitPairs] = cands.state
         new: dict[str, NewNeurons] = {}
-        dropped: dict[str, list[int]] = {}
         for name, idx in chosen.items():
             if name not in state:
                 raise ValueError(f"chosen unit {name!r} has no gradmax candidates")
             unit = state[name]
-            total = 2 * unit.columns.shape[0]
-            picked = sorted({int(i) for i in idx.tolist()})
-            if picked and (picked[0] < 0 or picked[-1] >= total):
+            total = unit.columns.shape[0]
+            pairs = sorted({int(i) for i in idx.tolist()})
+            if pairs and (pairs[0] < 0 or pairs[-1] >= total):
                 raise ValueError(f"chosen[{name!r}] must lie in [0, {total}), got {idx.tolist()}")
-            pairs = [j for j in range(total // 2) if 2 * j in picked and 2 * j + 1 in picked]
-            lone = [i for i in picked if i // 2 not in pairs]
-            if lone:
-                dropped[name] = lone
             if not pairs:
                 continue
             cols = unit.columns[pairs]  # (p, out, block, *kernel)
@@ -238,5 +232,4 @@ class GradMax:
             new[name] = NewNeurons(
                 2 * len(pairs), theta, {unit.consumer: outgoing}, chain_bias=unit.chain_bias
             )
-        cands.record["dropped_unpaired"] = dropped
         return GrowPlan(new=new)

@@ -72,7 +72,8 @@ def signed_split(
     w = max_share
     parent = torch.where(neg, (1.0 - 1.0 / w) * v_max, v_min)
     offspring = torch.where(neg, v_max, -v_min)
-    share = torch.where(negative, torch.tensor(w), torch.tensor(0.5)).to(torch.float64)
+    f64 = torch.float64
+    share = torch.where(negative, torch.tensor(w, dtype=f64), torch.tensor(0.5, dtype=f64))
     return SignedSplit(idx, parent, offspring, share)
 
 

@@ -254,10 +254,14 @@ def signed_split_with_growth(
         ):
             raise ValueError(f"plan['{name}'].share must be a finite ({idx.numel()},) tensor")
         share = share.to(device=ref.device, dtype=torch.float64)
-        s = share.to(ref.dtype)[:, None]
-        mean = (s * a + (1 - s) * b).abs().max() if idx.numel() else torch.zeros(())
-        scale = (a.abs().max() + b.abs().max()) if idx.numel() else torch.zeros(())
-        if float(mean) > 1e-6 * max(1.0, float(scale)):
+        # the first-order term in float64, relative to its parts (the directions as given)
+        s = share[:, None]
+        pa = entry.parent.to(device=ref.device, dtype=torch.float64)
+        pb = entry.offspring.to(device=ref.device, dtype=torch.float64)
+        mean = (s * pa + (1 - s) * pb).abs().max() if idx.numel() else torch.zeros(())
+        scale = ((s * pa).abs().max() + ((1 - s) * pb).abs().max()) if idx.numel() else 0.0
+        tiny = 1e3 * torch.finfo(entry.parent.dtype).eps  # the directions' own rounding
+        if float(mean) > tiny * max(float(scale), 1e-30):
             raise ValueError(
                 f"plan['{name}']: share·parent + (1 − share)·offspring must vanish (a split has "
                 f"no first-order effect), got {float(mean):.3g}"

@@ -773,8 +773,23 @@ def _select(
     structure = analyze(model)
     modules = dict(model.named_modules())
     values = dict(cands.scores)
+    raw = dict(values)  # the predicted loss changes (values may be rescaled for ranking)
     widths = {k: structure.layers[k].n for k in values}
     costs = {k: added_parameters(structure.layers[k], modules) for k in values}
+    # a candidate may add several neurons (gradmax's pairs): selection charges them all
+    size = {k: int(cands.size.get(k, 1)) for k in values}
+
+    def per_candidate(c: Mapping[str, int]) -> dict[str, int]:
+        return {k: c[k] * size[k] for k in values}
+
+    def neurons(plan: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {k: torch.arange(int(v.numel()) * size[k]) for k, v in plan.items()}
+
+    max_widths = {  # in candidates
+        k: widths[k] + max(0, w - widths[k]) // size[k]
+        for k, w in cfg.max_widths.items()
+        if k in values
+    }
     budget = None if cfg.budget_params is None else cfg.budget_params - params
     if cfg.reach_budget and cfg.budget_params is not None and budget is not None:
         start = float(record["start_params"])
@@ -803,22 +818,24 @@ def _select(
             _, latency_costs = added_latency(model, eigen_data[0][0], list(values))
             latency_budget = round(min(caps) * 1e6)  # ns
         limits = {
-            "params": (budget, costs),
-            "flops": (flop_budget, flop_costs),
-            "latency": (latency_budget, latency_costs),
+            "params": (budget, per_candidate(costs)),
+            "flops": (flop_budget, per_candidate(flop_costs)),
+            "latency": (latency_budget, per_candidate(latency_costs) if latency_costs else {}),
         }
         chosen = energy_select(
-            values, widths, ratio=cfg.grow_ratio, max_widths=cfg.max_widths,
+            values, widths, ratio=cfg.grow_ratio, max_widths=max_widths,
             costs={r: c for r, (b, c) in limits.items() if b is not None},
             budgets={r: b for r, (b, _) in limits.items() if b is not None},
         )  # fmt: skip
     else:
         chosen = s2d_select(
-            values, widths, ratio=cfg.grow_ratio, max_widths=cfg.max_widths, costs=costs,
+            values, widths, ratio=cfg.grow_ratio, max_widths=max_widths,
+            costs=per_candidate(costs),
             budget=budget,
         )  # fmt: skip
 
     def over(plan: Mapping[str, Tensor]) -> bool:
+        plan = neurons(plan)
         if budget is not None and _added(plan, structure, modules, costs) > budget:
             return True
         if latency_budget is not None and (
@@ -843,14 +860,14 @@ def _select(
     if cfg.selection == "energy":
         record["energy"] = {
             "objective": sum(float(values[k][v].sum()) for k, v in chosen.items()),
-            "params_added": _added(chosen, structure, modules, costs),
-            "flops_added": _added(chosen, structure, modules, flop_costs, rates),
+            "params_added": _added(neurons(chosen), structure, modules, costs),
+            "flops_added": _added(neurons(chosen), structure, modules, flop_costs, rates),
             "budget_params": budget,
             "budget_flops": flop_budget,
             **(
                 {
                     "latency_added_ms": sum(
-                        latency_costs[k] * int(v.numel()) for k, v in chosen.items()
+                        latency_costs[k] * int(v.numel()) for k, v in neurons(chosen).items()
                     )
                     / 1e6,
                     "budget_latency_ms": latency_budget / 1e6,
@@ -906,9 +923,7 @@ def _select(
     if cfg.directions == "eigen" and strategy.kind == "split":  # Σ ε²/2·score: second order
         record["predicted_loss_change"] = sum(
             float(
-                (
-                    torch.as_tensor(eps[k]).double().cpu() ** 2 * values[k][e.idx].double().cpu()
-                ).sum()
+                (torch.as_tensor(eps[k]).double().cpu() ** 2 * raw[k][e.idx].double().cpu()).sum()
                 / 2
             )
             for k, e in plan.items()
