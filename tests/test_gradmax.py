@@ -89,6 +89,14 @@ def test_mixed_hessian_and_scores_match_a_per_sample_sum() -> None:
     torch.testing.assert_close(c.abs(), r * u.abs(), rtol=1e-8, atol=1e-12)
 
 
+def _assert_pair_gradients(g: torch.Tensor, scores: torch.Tensor) -> None:
+    """The new neurons' incoming gradients ``g`` (2·pairs, d): opposite within a pair, and each
+    of squared norm half its pair's −score."""
+    torch.testing.assert_close(g[0::2], -g[1::2], rtol=1e-10, atol=1e-14)
+    expected = -scores.repeat_interleave(2)[: g.shape[0]] / 2
+    torch.testing.assert_close(g.pow(2).sum(1), expected, rtol=1e-8, atol=1e-14)
+
+
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_scores_are_the_gradient_norms_of_the_inserted_neurons(kind: str) -> None:
     """End to end: in the grown model, each new neuron's incoming gradient (plain autograd of the
@@ -107,13 +115,7 @@ def test_scores_are_the_gradient_norms_of_the_inserted_neurons(kind: str) -> Non
         gw, gb = torch.autograd.grad(loss, [layer.weight, layer.bias])
         count = spec.count
         g = torch.cat([gw[-count:].reshape(count, -1), gb[-count:, None]], dim=1)
-        torch.testing.assert_close(g[0::2], -g[1::2], rtol=1e-10, atol=1e-14)
-        torch.testing.assert_close(
-            g.pow(2).sum(1),
-            -cands.scores[name].repeat_interleave(2)[:count] / 2,
-            rtol=1e-8,
-            atol=1e-14,
-        )
+        _assert_pair_gradients(g, cands.scores[name])
 
 
 def _relu_setup(seed: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -353,13 +355,7 @@ def test_bias_free_scores_are_the_gradient_norms_of_the_inserted_neurons(head: s
         (gw,) = torch.autograd.grad(loss, [layer.weight])
         count = spec.count
         g = gw[-count:].reshape(count, -1)
-        torch.testing.assert_close(g[0::2], -g[1::2], rtol=1e-10, atol=1e-14)
-        torch.testing.assert_close(
-            g.pow(2).sum(1),
-            -cands.scores[name].repeat_interleave(2)[:count] / 2,
-            rtol=1e-8,
-            atol=1e-14,
-        )
+        _assert_pair_gradients(g, cands.scores[name])
 
 
 def _firing(model: nn.Module, x: torch.Tensor, acts: tuple[str, ...]) -> dict[str, torch.Tensor]:
