@@ -65,6 +65,7 @@ def test_info_lists_registries(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "mnist1d" in out and "mobilenetv1" in out and "s2d" in out
+    assert "strategies:  firefly, gradmax, s2d, s3d" in out
 
 
 @pytest.mark.parametrize(

@@ -664,7 +664,7 @@ def _info(args: argparse.Namespace) -> int:
     for name, spec in sorted(MODELS.items()):
         print(f"model {name:12s} widths {list(spec.default_widths)}  {spec.doc}")
     print("activations: " + ", ".join(sorted(ACTIVATIONS)))
-    print("strategies:  s2d")
+    print("strategies:  " + ", ".join(sorted(STRATEGIES)))
     print("compare:     " + ", ".join(METHODS))
     return 0
 
