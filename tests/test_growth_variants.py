@@ -194,3 +194,28 @@ def test_budget_trim_ranks_by_the_selection_in_use(monkeypatch: pytest.MonkeyPat
     G._split_round(model, cfg, F.cross_entropy, batch, record, torch.Generator().manual_seed(0))
     # per-layer scores: layer 0 [-1, -0.5], layer 2 [-1, -0.99, -0.98, -0.97]: 0's second goes
     assert record["split"] == {"0": 1, "2": 4}
+
+
+def test_final_shrink_mixes_with_a_fresh_init_before_the_last_phase() -> None:
+    import importlib
+
+    G = importlib.import_module("splitgrow.training.grow")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    before = [p.detach().clone() for p in model.parameters()]
+    state = torch.get_rng_state()
+    G._shrink_perturb(model, 1.0, 7)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    assert torch.equal(state, torch.get_rng_state())  # the global RNG is untouched
+    G._shrink_perturb(model, 0.0, 7)
+    fresh = [p.detach().clone() for p in model.parameters()]
+    G._shrink_perturb(model, 0.0, 7)  # the same seed gives the same fresh init
+    assert all(torch.equal(a, p) for a, p in zip(fresh, model.parameters(), strict=True))
+    assert not torch.equal(fresh[0], before[0])
+    digits = data.load("digits", seed=0)
+    x = [(b.flatten(1), y) for b, y in digits.train.batches(128)[:2]]
+    net = nn.Sequential(nn.Linear(64, 6), nn.Tanh(), nn.Linear(6, 10))
+    res = grow(net, x, loss_fn=F.cross_entropy, config=GrowConfig(rounds=2, epochs_per_round=1))
+    assert [("shrink_perturb" in r) for r in res.history] == [False, True, False]
+    with pytest.raises(ValueError, match="final_shrink"):
+        GrowConfig(final_shrink=1.5)

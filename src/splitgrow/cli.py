@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -100,6 +101,18 @@ def _layer_width(text: str) -> tuple[str, int]:
     return name, _positive_int(width)
 
 
+def _shrink(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or 'none', got {text!r}")
+    return value
+
+
 def _option(text: str) -> tuple[str, Any]:
     """``KEY=VALUE``: VALUE as JSON (a number, true/false, null), else as text."""
     key, sep, value = text.partition("=")
@@ -144,6 +157,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--final-epochs", type=_positive_int, default=None)
     g.add_argument("--plateau", type=_positive_float, default=None)
     g.add_argument("--carry", default="copy", choices=["copy", "reset"])
+    g.add_argument(
+        "--final-shrink", type=_shrink, default=0.3, metavar="LAMBDA",
+        help="before the last phase, θ ← λθ + (1 − λ)·fresh init (0.3); 'none' to keep θ",
+    )  # fmt: skip
     g.add_argument(
         "--strategy", default="s2d", choices=sorted(STRATEGIES),
         help="what grows: s2d (splitting steepest descent), s3d (signed splitting) …",
@@ -234,6 +251,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--rounds", type=_non_negative_int, default=5)
     c.add_argument("--epochs-per-round", type=_positive_int, default=5)
     c.add_argument("--grow-ratio", type=_positive_float, default=0.5)
+    c.add_argument(
+        "--final-shrink", type=_shrink, default=0.3, metavar="LAMBDA",
+        help="growth methods: shrink and perturb before the last phase ('none': off)",
+    )  # fmt: skip
     c.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
     c.add_argument("--lr-grid", type=_positive_float, nargs="+", default=[0.02, 0.05, 0.1])
     c.add_argument("--tune-trials", type=_positive_int, default=3)
@@ -391,6 +412,7 @@ def _grow_on(args: argparse.Namespace, argv: Sequence[str], device: torch.device
         schedule=args.schedule,
         plateau=args.plateau,
         carry=args.carry,
+        final_shrink=args.final_shrink,
         directions=args.directions,
         strategy=args.strategy,
         signed_max_share=args.signed_max_share,
@@ -590,7 +612,7 @@ def _compare_on(args: argparse.Namespace) -> int:
         budget_params=args.budget_params, methods=args.methods or list(METHODS),
         seeds=args.seeds, epochs=args.epochs, rounds=args.rounds,
         epochs_per_round=args.epochs_per_round, grow_ratio=args.grow_ratio,
-        optimizer=args.optimizer, lr_grid=args.lr_grid,
+        final_shrink=args.final_shrink, optimizer=args.optimizer, lr_grid=args.lr_grid,
         tune_trials=min(args.tune_trials, len(args.lr_grid)), batch_size=args.batch_size,
         nas_trials=args.nas_trials, prune_wide=args.prune_wide,
         data_dir=None if args.data_dir is None else str(args.data_dir), device=args.device,

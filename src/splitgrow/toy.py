@@ -50,10 +50,10 @@ def run_toy(
     for directions in ("eigen", "random"):
         torch.manual_seed(seed)
         model = Architecture("rbf1d", [start], "gaussian", [1], 1).build()
-        cfg = GrowConfig(
+        cfg = GrowConfig(  # the loss curves through every split: no shrink before the last phase
             rounds=rounds, epochs_per_round=iterations, optimizer="adam", lr=lr,
             schedule="constant", grow_ratio=1.0, batch_size=len(data.train), method="exact",
-            eps_mode="line-search", directions=directions, seed=seed,
+            eps_mode="line-search", directions=directions, seed=seed, final_shrink=None,
         )  # fmt: skip
         t0 = time.perf_counter()
         res = grow(model, batch, loss_fn=_mse, task="regression", config=cfg)

@@ -71,6 +71,7 @@ class CompareConfig:
     rounds: int = 5
     epochs_per_round: int = 5
     grow_ratio: float = 0.5  # a cap per round: growth is spread to reach the budget
+    final_shrink: float | None = 0.3  # growth methods: GrowConfig.final_shrink (None: off)
     optimizer: str = "sgd"
     lr_grid: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.1])
     tune_trials: int = 3  # rates of the grid tried per method (the first ones)
@@ -113,6 +114,10 @@ class CompareConfig:
             raise ValueError(f"lr_grid must hold positive rates, got {self.lr_grid}")
         if not 0 < self.grow_ratio <= 1:
             raise ValueError(f"grow_ratio must be in (0, 1], got {self.grow_ratio}")
+        if self.final_shrink is not None and not (
+            isinstance(self.final_shrink, (int, float)) and 0 <= self.final_shrink <= 1
+        ):
+            raise ValueError(f"final_shrink must be in [0, 1] or None, got {self.final_shrink!r}")
         if not self.prune_wide > 1:
             raise ValueError(f"prune_wide must be above 1, got {self.prune_wide}")
         if not 0 < self.prune_finetune < 1:
@@ -140,7 +145,8 @@ def make_setting(cfg: CompareConfig) -> Setting:
     return Setting(
         data=data, arch=arch, budget=cfg.budget_params, epochs=cfg.epochs, rounds=cfg.rounds,
         epochs_per_round=cfg.epochs_per_round, grow_ratio=cfg.grow_ratio,
-        optimizer=cfg.optimizer, batch_size=cfg.batch_size, nas_trials=cfg.nas_trials,
+        final_shrink=cfg.final_shrink, optimizer=cfg.optimizer, batch_size=cfg.batch_size,
+        nas_trials=cfg.nas_trials,
         prune_wide=cfg.prune_wide, prune_finetune=cfg.prune_finetune,
         slim_penalty=cfg.slim_penalty, device=torch.device(cfg.device), loss_fn=F.cross_entropy,
     )  # fmt: skip

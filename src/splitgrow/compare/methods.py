@@ -44,6 +44,7 @@ class Setting:
     rounds: int  # growth rounds
     epochs_per_round: int  # growth: epochs between splits (the rest trains after the last)
     grow_ratio: float
+    final_shrink: float | None  # growth methods: shrink and perturb before the last phase
     optimizer: str
     batch_size: int
     nas_trials: int  # candidates per search
@@ -139,6 +140,7 @@ def _growth(
         optimizer=s.optimizer, lr=lr, batch_size=s.batch_size, grow_ratio=s.grow_ratio,
         method=method, directions=directions, counts=counts, budget_params=s.budget, seed=seed,
         reach_budget=counts is None, strategy=strategy, selection=selection,
+        final_shrink=s.final_shrink,
     )  # fmt: skip
     trajectory: list[tuple[int, float]] = []
     eval_s = [0.0]
