@@ -16,7 +16,6 @@ whose outputs do not match PyTorch's exits with 1 and writes nothing.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import sys
@@ -537,8 +536,7 @@ def _grow_on(args: argparse.Namespace, argv: Sequence[str], device: torch.device
         "history": result.history,
     }
     if not args.no_latency:  # ONNX Runtime on the CPU, whatever --device trained on
-        cpu_model = copy.deepcopy(result.model).to("cpu", torch.float32)
-        latency = latency_ms(cpu_model, example.to(torch.float32))
+        latency = latency_ms(result.model, example)
         results["latency_ms"] = latency.pop("ms")
         results["latency"] = latency
     run.write_json("results.json", results)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from typing import Any
@@ -36,7 +37,8 @@ def latency_ms(
     ``warmup`` times, then timed ``repeats`` times one call at a time; the median is reported.
 
     Args:
-        model: the model (on the CPU; its mode is restored).
+        model: the model, on any device and of any float dtype: a float32 CPU copy is timed
+            (ONNX Runtime's CPU provider), and the model itself is left as it is.
         example: an input batch; its first sample is the timed input.
         threads: ONNX Runtime intra-op threads.
         warmup: untimed runs first.
@@ -58,7 +60,8 @@ def latency_ms(
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{name} must be an integer of at least {least}, got {value!r}")
     x = example[:1].detach().to("cpu", torch.float32)
-    session = onnx_session(onnx_bytes(model, x), threads=threads)
+    cpu = copy.deepcopy(model).to("cpu", torch.float32)
+    session = onnx_session(onnx_bytes(cpu, x), threads=threads)
     feed = {"input": x.numpy()}
     run = session.run  # type: ignore[attr-defined]
     for _ in range(warmup):

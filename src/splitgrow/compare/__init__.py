@@ -19,7 +19,6 @@ and, when distributed, whether every process ended the method with the same para
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import statistics
@@ -48,6 +47,7 @@ from splitgrow.metrics import flops, latency_ms, parameter_count
 from splitgrow.models import MODELS, Architecture, widths_of
 from splitgrow.runs import RunDir
 from splitgrow.training import evaluate
+from splitgrow.training.grow import check_final_shrink
 
 TUNE_SEED = 1000  # the seed of the tuning runs (never one of the reported seeds)
 #: methods that grow (and so need rounds ≥ 1): s2d's controls and those built on its run
@@ -114,10 +114,7 @@ class CompareConfig:
             raise ValueError(f"lr_grid must hold positive rates, got {self.lr_grid}")
         if not 0 < self.grow_ratio <= 1:
             raise ValueError(f"grow_ratio must be in (0, 1], got {self.grow_ratio}")
-        if self.final_shrink is not None and not (
-            isinstance(self.final_shrink, (int, float)) and 0 <= self.final_shrink <= 1
-        ):
-            raise ValueError(f"final_shrink must be in [0, 1] or None, got {self.final_shrink!r}")
+        check_final_shrink(self.final_shrink)
         if not self.prune_wide > 1:
             raise ValueError(f"prune_wide must be above 1, got {self.prune_wide}")
         if not 0 < self.prune_finetune < 1:
@@ -182,9 +179,7 @@ def _record(
         "params": parameter_count(out.model),
         "flops": flops(out.model, s.data.test.x[:1].to(s.device)),
         # ONNX Runtime, CPU, batch 1, one thread: median of 50 runs
-        "latency_ms": latency_ms(
-            copy.deepcopy(out.model).cpu().float(), s.data.test.x[:1], warmup=10, repeats=50
-        )["ms"],
+        "latency_ms": latency_ms(out.model, s.data.test.x[:1], warmup=10, repeats=50)["ms"],
         "widths": widths_of(out.model),
         "test_acc": test["accuracy"],
         "test_loss": test["loss"],

@@ -20,7 +20,6 @@ the caller trims afterwards so that the budget holds exactly.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Mapping, Sequence
 
@@ -171,15 +170,13 @@ def added_latency(
     from splitgrow.surgery.split import split_with_growth
 
     structure = analyze(model)
-    cpu = copy.deepcopy(model).cpu().float()
-    x = example[:1].detach().cpu().float()
-    base = latency_ms(cpu, x, warmup=10, repeats=repeats)["ms"]
+    base = latency_ms(model, example, warmup=10, repeats=repeats)["ms"]
     costs = {}
     for name in units:
         info = structure.require(name)
         k = max(1, info.n // 2)
         plan = {name: (torch.arange(k), torch.zeros(k, info.d, dtype=torch.float64))}
-        wider, _ = split_with_growth(cpu, plan, eps=0.0)
-        grown = latency_ms(wider, x, warmup=10, repeats=repeats)["ms"]
+        wider, _ = split_with_growth(model, plan, eps=0.0)
+        grown = latency_ms(wider, example, warmup=10, repeats=repeats)["ms"]
         costs[name] = max(0, round((grown - base) * 1e6 / k))
     return base, costs

@@ -26,7 +26,7 @@ from splitgrow import distributed as sgdist
 from splitgrow import faults
 from splitgrow.data import Split
 from splitgrow.graph.analyze import analyze
-from splitgrow.metrics import flops, flops_per_weight, parameter_count
+from splitgrow.metrics import flops, flops_per_weight, latency_ms, parameter_count
 from splitgrow.splitting.neurons import unit_theta
 from splitgrow.strategies import STRATEGIES, Candidates, RoundContext, Strategy, strategy_for
 from splitgrow.strategies.energy import added_flops, added_latency, energy_select
@@ -184,10 +184,7 @@ class GrowConfig:
         if not isinstance(self.strategy_options, dict):
             raise ValueError(f"strategy_options must be a dict, got {self.strategy_options!r}")
         STRATEGIES[self.strategy].check_options(_options(self))
-        if self.final_shrink is not None and not (
-            isinstance(self.final_shrink, (int, float)) and 0 <= self.final_shrink <= 1
-        ):
-            raise ValueError(f"final_shrink must be in [0, 1], got {self.final_shrink!r}")
+        check_final_shrink(self.final_shrink)
         if not (0 < self.grow_ratio <= 1):
             raise ValueError(f"grow_ratio must be in (0, 1], got {self.grow_ratio!r}")
         if self.counts is not None:
@@ -400,6 +397,12 @@ def _replay(model: nn.Module, plans: Sequence[Any]) -> nn.Module:
     return model
 
 
+def check_final_shrink(value: Any) -> None:
+    """``final_shrink`` must be ``None`` or a number λ in [0, 1]."""
+    if value is not None and not (isinstance(value, (int, float)) and 0 <= value <= 1):
+        raise ValueError(f"final_shrink must be in [0, 1] or None, got {value!r}")
+
+
 def _shrink_perturb(model: nn.Module, lam: float, seed: int) -> None:
     """θ ← λ·θ + (1 − λ)·θ_fresh in place, θ_fresh from each module's ``reset_parameters`` under
     ``seed`` (the global RNG is left as it was); buffers (BatchNorm statistics) are kept."""
@@ -598,7 +601,7 @@ def grow(
             "params": parameter_count(model),
             "flops": flops(model, example),
             **(
-                {"latency_ms": added_latency(model, example, [])[0]}
+                {"latency_ms": latency_ms(model, example, warmup=10, repeats=50)["ms"]}
                 if cfg.budget_latency_ms is not None
                 else {}
             ),
