@@ -3,12 +3,19 @@
 R = time(splitting_eigen over N samples, all splittable layers) / time(one training epoch: forward,
 backward and SGD step over the same N samples), measured in one process, alternated, median of
 ``--repeats`` runs. Agreement: the fraction of neurons whose λ_min is within 2% of the layer's
-largest |λ| of the exact value. Peak memory: the largest resident-set growth during each call.
+largest |λ| of the exact value. Peak memory: the resident-set growth during one call (of each
+method, and of one training epoch), each in its own process where freed memory goes back to the
+system at once (glibc: ``MALLOC_TRIM_THRESHOLD_=0``, ``MALLOC_MMAP_THRESHOLD_=65536``; the peak is
+reset through ``/proc/self/clear_refs`` before the call); Linux only.
+
+A method ``m-passes`` is ``m`` with ``cache=False``: a data pass per block of the fast route,
+instead of iterating on the statistics kept from the first pass.
 
     .venv/bin/python benchmarks/eigen_cost.py              # MobileNet-style, width 32, N = 512
     .venv/bin/python benchmarks/eigen_cost.py --width 8 --samples 64 --repeats 1   # quick
     .venv/bin/python benchmarks/eigen_cost.py --methods exact --subsets 64,128  # subset estimates
     .venv/bin/python benchmarks/eigen_cost.py --model resnet20 --methods auto,fast  # residual units
+    .venv/bin/python benchmarks/eigen_cost.py --model cnn --width 128 --image 16  # d = 1153
 
 ``exact@k`` rows: exact matrices from a random subset of k of the N samples; their R is still
 against one training epoch over all N, and their agreement against exact over all N.
@@ -17,8 +24,11 @@ against one training epoch over all N, and their agreement against exact over al
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -57,18 +67,44 @@ class MobileNetV1Style(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
 
 
+def _status_mb(key: str) -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 def _timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+def _peak_growth(fn: Callable[[], object]) -> float:
+    """Peak resident-set growth in MB while ``fn`` runs (NaN where it cannot be measured)."""
+    before = _status_mb("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak (VmHWM) to the current resident set
+    except OSError:
+        return float("nan")
+    fn()
+    return _status_mb("VmHWM") - before
+
+
+def _peak_in_subprocess(label: str) -> float:
+    """:func:`_peak_growth` of ``label`` (a method or ``epoch``) in a fresh process."""
+    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    argv = [sys.executable, __file__, *sys.argv[1:], "--peak-of", label]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    try:
+        return float(done.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return float("nan")
 
 
 def main() -> None:
@@ -91,6 +127,7 @@ def main() -> None:
     p.add_argument(
         "--subsets", default="", help="also exact on random subsets of these sizes, e.g. 64,128"
     )
+    p.add_argument("--peak-of", default="", help=argparse.SUPPRESS)  # one measurement, internal
     args = p.parse_args()
 
     torch.manual_seed(0)
@@ -128,18 +165,26 @@ def main() -> None:
 
     def run(label: str) -> None:
         method, _, size = label.partition("@")
+        method, _, passes = method.partition("-")
         data = batches
         if size:  # exact on a random subset: R falls, and so may the agreement with all data
             pick = order[: int(size)]
             data = [(x[pick], y[pick])]
-        results[label] = splitgrow.splitting_eigen(model, F.cross_entropy, data, method=method)
+        results[label] = splitgrow.splitting_eigen(
+            model, F.cross_entropy, data, method=method, cache=False if passes else None
+        )
 
+    if args.peak_of:
+        print(_peak_growth(epoch if args.peak_of == "epoch" else lambda: run(args.peak_of)))
+        return
     for _ in range(args.repeats):
         times["epoch"].append(_timed(epoch))
         model.eval()
         for m in methods:
             times[m].append(_timed(lambda m=m: run(m)))
+    peaks = {m: _peak_in_subprocess(m) for m in ["epoch", *methods]}
     t_epoch = statistics.median(times["epoch"])
+    m_epoch = peaks["epoch"]
     exact = results.get("exact") or splitgrow.splitting_eigen(model, F.cross_entropy, batches)
     size = (
         "ResNet-20 (16/32/64)" if args.model == "resnet20" else f"{args.model}, width {args.width}"
@@ -150,9 +195,12 @@ def main() -> None:
         f"{torch.get_num_threads()} threads; {size}, N = {args.samples}, "
         f"batch {args.batch}, median of {args.repeats}"
     )
-    print(f"one training epoch: {t_epoch:.3f} s")
-    print("| method | time s | R | within 2% | routes (per layer) | passes |")
-    print("|---|---|---|---|---|---|")
+    print(f"one training epoch: {t_epoch:.3f} s, peak memory {m_epoch:.0f} MB")
+    print(
+        "| method | time s | R | within 2% | routes (per layer) | passes | columns (per layer) "
+        "| peak MB | × epoch's |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for m in methods:
         t = statistics.median(times[m])
         good = total = 0
@@ -163,8 +211,14 @@ def main() -> None:
             total += ref.numel()
         routes = ",".join(sorted({e.route for e in results[m].values()}))
         passes = max(e.passes for e in results[m].values())
-        print(f"| {m} | {t:.3f} | {t / t_epoch:.2f} | {good}/{total} | {routes} | {passes} |")
-    print(f"peak RSS: {_rss_mb():.0f} MB")
+        columns = ",".join(
+            f"{e.columns}" if e.method == "fast" else "exact" for e in results[m].values()
+        )
+        peak = peaks[m]
+        print(
+            f"| {m} | {t:.3f} | {t / t_epoch:.2f} | {good}/{total} | {routes} | {passes} "
+            f"| {columns} | {peak:.0f} | {peak / m_epoch:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from torch import nn
 
 import splitgrow
 from splitgrow.splitting import eigen as eigen_module
+from splitgrow.splitting.local import LocalProblem
 from splitgrow.splitting.solvers import BlockSubspace
 
 
@@ -66,8 +67,9 @@ def test_fast_converges_before_the_whole_space_on_larger_d() -> None:
         assert _agreement(f.values, e.values) >= 0.95
         assert _agreement(f.max_values, e.max_values) >= 0.95
         assert float(f.residual.max()) <= 1e-3
-    # the search space stays well below d = 73 for c1: fewer passes than d / block
-    assert fast["c1"].passes < 73 // 4
+    # the search space stays below d = 73 for c1 (both ends: 4 columns each per block)
+    assert fast["c1"].columns <= 73 - 2 * 4
+    assert fast["c1"].passes == 1  # iterated on the first pass's statistics, in memory
 
 
 def test_fast_is_reproducible_with_seed() -> None:
@@ -79,21 +81,40 @@ def test_fast_is_reproducible_with_seed() -> None:
 
 
 def test_auto_picks_by_d(monkeypatch: pytest.MonkeyPatch) -> None:
-    model, batches = build("mobile_block")  # c1: d = 28, c2: d = 5
-    res = splitgrow.splitting_eigen(model, loss_fn, batches, method="auto")
+    model, batches = build("mobile_block")  # c1: chain route, d = 28; c2: closed form, d = 5
+    res = splitgrow.splitting_eigen(model, loss_fn, batches, method="auto", cache=False)
     assert {e.method for e in res.values()} == {"exact"}
     monkeypatch.setattr(eigen_module, "AUTO_MAX_D", 20)
-    res = splitgrow.splitting_eigen(model, loss_fn, batches, method="auto")
+    res = splitgrow.splitting_eigen(model, loss_fn, batches, method="auto", cache=False)
     assert res["c1"].method == "fast" and res["c2"].method == "exact"
+
+
+def test_auto_iterates_in_memory_on_wide_chains(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chain layer with d > 16 takes the fast route in memory; when its statistics do not
+    fit, it is computed exactly after all, in a second data pass."""
+    model, batches = build("mobile_block")
+    assert splitgrow.splitting_eigen(model, loss_fn, batches, method="fast")["c1"].passes == 1
+    exact = splitgrow.splitting_eigen(model, loss_fn, batches)
+    res = splitgrow.splitting_eigen(model, loss_fn, batches, method="auto")
+    assert res["c1"].route == "chain" and res["c1"].method == "fast" and res["c1"].passes == 1
+    assert res["c1"].columns < 28
+    assert _agreement(res["c1"].values, exact["c1"].values) >= 0.95
+    assert res["c2"].method == "exact"
+    monkeypatch.setattr(eigen_module, "CACHE_MAX_BYTES", 1000)
+    res = splitgrow.splitting_eigen(model, loss_fn, batches, method="auto")
+    assert res["c1"].method == "exact" and res["c1"].passes == 2
+    assert res["c2"].method == "exact" and res["c2"].passes == 1
+    for layer, e in exact.items():
+        assert torch.allclose(res[layer].values, e.values, rtol=0, atol=1e-12)
 
 
 def test_auto_takes_the_fast_route_for_wide_units(monkeypatch: pytest.MonkeyPatch) -> None:
     """On the general route exact costs d Hessian-vector products: fast above a smaller d."""
     model, batches = build("functional")  # c3: x·sigmoid(x), the general route, d = 5
-    res = splitgrow.splitting_eigen(model, loss_fn, batches, method="auto")
+    res = splitgrow.splitting_eigen(model, loss_fn, batches, method="auto", cache=False)
     assert res["c3"].route == "general" and res["c3"].method == "exact"
     monkeypatch.setattr(eigen_module, "AUTO_MAX_D_GENERAL", 4)
-    res = splitgrow.splitting_eigen(model, loss_fn, batches, method="auto")
+    res = splitgrow.splitting_eigen(model, loss_fn, batches, method="auto", cache=False)
     assert res["c3"].method == "fast"
     assert {e.method for k, e in res.items() if k != "c3"} == {"exact"}
 
@@ -121,13 +142,89 @@ def test_both_ends_converge_with_small_blocks(block: int) -> None:
 def test_fast_with_a_one_shot_generator_and_a_dataloader() -> None:
     """Several passes over data given as a generator (kept) or a DataLoader (re-iterated)."""
     model, batches = build("mobile_block")
-    ref = splitgrow.splitting_eigen(model, loss_fn, batches, method="fast")
-    gen = splitgrow.splitting_eigen(model, loss_fn, (b for b in batches), method="fast")
+    ref = splitgrow.splitting_eigen(model, loss_fn, batches, method="fast", cache=False)
+    gen = splitgrow.splitting_eigen(
+        model, loss_fn, (b for b in batches), method="fast", cache=False
+    )
     x = torch.cat([x for x, _ in batches])
     y = torch.cat([y for _, y in batches])
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
-    dl = splitgrow.splitting_eigen(model, loss_fn, loader, method="fast")
+    dl = splitgrow.splitting_eigen(model, loss_fn, loader, method="fast", cache=False)
     for layer, e in ref.items():
         assert e.passes > 1
         assert torch.allclose(gen[layer].values, e.values, rtol=0, atol=1e-12)
         assert torch.allclose(dl[layer].values, e.values, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_iterating_in_memory_equals_data_passes(name: str) -> None:
+    """The statistics kept from the first pass give the same products as passes over the data:
+    the same eigenpairs after the same number of blocks, with one pass instead of many."""
+    model, batches = build(name)
+    kw = {"method": "fast", "which": "both", "block": 2, "tol": 1e-6}
+    passes = splitgrow.splitting_eigen(model, loss_fn, batches, cache=False, **kw)
+    memory = splitgrow.splitting_eigen(model, loss_fn, batches, cache=True, **kw)
+    default = splitgrow.splitting_eigen(model, loss_fn, batches, **kw)
+    for layer, p in passes.items():
+        m = memory[layer]
+        assert m.columns == p.columns, layer
+        assert torch.allclose(m.values, p.values, rtol=0, atol=1e-10), layer
+        assert torch.allclose(m.max_values, p.max_values, rtol=0, atol=1e-10), layer
+        assert torch.allclose(m.vectors, p.vectors, rtol=0, atol=1e-7), layer
+        assert torch.equal(default[layer].values, m.values), layer  # small: kept by default
+        if m.route == "general":  # never kept: data passes, only as many as it needs
+            assert 1 < m.passes <= p.passes, layer
+        else:
+            assert m.passes == 1, layer
+
+
+def test_the_cache_limit_falls_back_to_data_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, batches = build("mobile_block")
+    kw = {"method": "fast", "block": 2, "tol": 1e-8}
+    memory = splitgrow.splitting_eigen(model, loss_fn, batches, cache=True, **kw)
+    monkeypatch.setattr(eigen_module, "CACHE_MAX_BYTES", 1000)  # less than one batch keeps
+    limited = splitgrow.splitting_eigen(model, loss_fn, batches, **kw)
+    for layer, m in memory.items():
+        assert m.passes == 1
+        assert limited[layer].passes > 1
+        assert torch.allclose(limited[layer].values, m.values, rtol=0, atol=1e-10)
+
+
+def test_products_on_kept_statistics_equal_the_exact_matrices(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every local problem's S·V (fast route) against its explicit matrices (exact route), on
+    the same batch: mobile_block holds chain and closed-form layers, cnn1d a chain with a max
+    pool."""
+    kept: list[dict[str, LocalProblem]] = []
+    original = eigen_module._iterate_in_memory
+
+    def capture(problems, *args, **kwargs):  # type: ignore[no-untyped-def]
+        kept.extend(p for p, _ in problems)
+        return original(problems, *args, **kwargs)
+
+    monkeypatch.setattr(eigen_module, "_iterate_in_memory", capture)
+    gen = torch.Generator().manual_seed(0)
+    kinds = set()
+    for name in ("mobile_block", "cnn1d", "mlp"):
+        model, batches = build(name)
+        kept.clear()
+        splitgrow.splitting_eigen(model, loss_fn, batches, method="fast", cache=True)
+        assert kept
+        for problems in kept:
+            for layer, problem in problems.items():
+                kinds.add(type(problem).__name__)
+                s = problem.matrices()
+                n, d, _ = s.shape
+                v = torch.randn(n, d, 3, generator=gen, dtype=torch.float64)
+                expected = s @ v
+                for _ in range(2):  # the second product reuses what the first computed
+                    got = problem.hvp(v)
+                    assert torch.allclose(got, expected, rtol=1e-9, atol=1e-12), (name, layer)
+    assert {"ChainProblem", "ClosedFormProblem"} <= kinds
+
+
+def test_bad_cache_argument() -> None:
+    model, batches = build("mlp")
+    with pytest.raises(TypeError, match="cache must be True, False or None"):
+        splitgrow.splitting_eigen(model, loss_fn, batches, method="fast", cache="yes")  # type: ignore[arg-type]

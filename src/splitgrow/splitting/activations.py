@@ -102,14 +102,18 @@ def piecewise_apply(y: Tensor, z: Tensor, pw: Piecewise, beta: float | None) -> 
     derivative is the surrogate's (zero when ``beta`` is ``None``). No op's own double backward is
     needed (``hardsigmoid`` has none in PyTorch).
     """
+    if not (torch.is_grad_enabled() and z.requires_grad):
+        return y  # no derivative will be taken: the value alone
     z0 = z.detach()
     dz = z - z0
     slope: Tensor | float = pw.slope
-    curvature: Tensor | float = 0.0
     for t, c in pw.kinks:
         slope = slope + c * (z0 > t).to(z0.dtype)
-        if beta is not None:
-            curvature = curvature + c * softplus_second_derivative(z0 - t, beta)
+    if beta is None:
+        return y.detach() + slope * dz
+    curvature: Tensor | float = 0.0
+    for t, c in pw.kinks:
+        curvature = curvature + c * softplus_second_derivative(z0 - t, beta)
     return y.detach() + slope * dz + 0.5 * curvature * dz * dz
 
 

@@ -26,6 +26,16 @@ AUTO_MAX_D = 512
 #: where the fast route needs about ``block`` per data pass, only while d is at most this
 AUTO_MAX_D_GENERAL = 64
 AUTO_MAX_BYTES = 1 << 30
+#: ... and on the chain route, only while d is at most this when the fast route can iterate on
+#: statistics kept in memory (each of its products then costs about one of the exact route's d
+#: tangents, and it needs about half as many; measured in ``benchmarks/eigen_cost.py``)
+AUTO_MAX_D_CHAIN = 16
+#: the fast route's vectors per neuron and block: iterating in memory, where a block costs only
+#: its products, or with a data pass per block
+BLOCK_IN_MEMORY, BLOCK_PER_PASS = 1, 4
+#: the fast route keeps each batch's statistics from its first data pass and iterates on them in
+#: memory, with no further data pass, while they take at most this many bytes (``cache=None``)
+CACHE_MAX_BYTES = 2 << 30
 #: ``method="exact"`` refuses a layer whose n matrices of d×d would take more than this
 EXACT_MAX_BYTES = 8 << 30
 
@@ -42,12 +52,16 @@ class SplitEigen:
         max_values: ``(n,)`` λ_max when ``which="both"``, else ``None``.
         max_vectors: ``(n, d)`` eigenvectors of ``max_values`` when ``which="both"``.
         method: ``"exact"`` or ``"fast"`` (what ``"auto"`` chose).
-        route: ``"closed-form"``, ``"general"`` or ``"zero"`` (see ``splitting.local``).
+        route: ``"closed-form"``, ``"chain"``, ``"general"`` or ``"zero"`` (see
+            ``splitting.local``).
         surrogate: the second derivative used for ReLU-like activations.
         batchnorm: ``"running"`` or ``"batch"`` statistics.
         samples: number of samples the expectation was taken over.
-        passes: data passes used (``1`` for exact).
+        passes: data passes used (``1`` for exact, and for the fast route when it iterated on
+            statistics kept in memory).
         residual: ``(n,)`` relative residual of the fast route (zeros for exact).
+        columns: products S·v each neuron's eigenpairs were found from (the search space's
+            size; ``d`` for exact).
     """
 
     values: Tensor
@@ -61,6 +75,7 @@ class SplitEigen:
     samples: int
     passes: int
     residual: Tensor
+    columns: int
 
 
 def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:
@@ -111,8 +126,9 @@ def splitting_eigen(
     batchnorm: str = "running",
     surrogate_beta: float | None = DEFAULT_SURROGATE_BETA,
     tol: float = 1e-3,
-    block: int = 4,
+    block: int | None = None,
     max_passes: int = 64,
+    cache: bool | None = None,
     seed: int = 0,
     progress: bool = False,
     distributed: bool = False,
@@ -130,8 +146,10 @@ def splitting_eigen(
             over all samples: each batch weighs by its size.
         method: ``"exact"`` (full matrices, batched ``eigh``), ``"fast"`` (block subspace
             iteration on Hessian-vector products) or ``"auto"`` (exact while d ≤ 512 and the
-            matrices fit in 1 GiB, and on the general route, where each of the d columns costs a
-            Hessian-vector product, while d ≤ 64; else fast).
+            matrices fit in 1 GiB; on the general route, where each of the d columns costs a
+            Hessian-vector product, while d ≤ 64; on the chain route while d ≤ 16 unless
+            ``cache`` is ``False`` — where the statistics turn out not to fit in memory those
+            layers are computed exactly after all, with a second data pass; else fast).
         which: ``"min"`` (default), ``"max"`` or ``"both"``.
         layers: names of the layers to compute; default every splittable layer.
         batchnorm: ``"running"`` statistics (default, the published convention) or ``"batch"``
@@ -139,8 +157,19 @@ def splitting_eigen(
         surrogate_beta: softplus sharpness β of the smooth second derivative given to ReLU-like
             activations; ``None`` for their exact (almost everywhere zero) second derivative.
         tol: fast route: relative residual at which an eigenpair is converged.
-        block: fast route: vectors per neuron added to the search space per data pass.
-        max_passes: fast route: most data passes.
+        block: fast route: vectors per neuron added to the search space per block of
+            products. ``None`` (default): 1 while iterating in memory (a block costs only its
+            products, and single vectors reach a given accuracy with the fewest), 4 with a data
+            pass per block (fewer passes).
+        max_passes: fast route: most blocks of products (data passes, or iterations on the
+            statistics kept in memory).
+        cache: fast route: keep each batch's statistics (layer inputs, outputs and
+            back-propagated gradients, about what a training step keeps for its backward pass)
+            from the first data pass and iterate on them in memory, so that the data are read
+            and the network run once, however many blocks the solver takes. ``None`` (default):
+            while they take at most 2 GiB (``CACHE_MAX_BYTES``), else a data pass per block;
+            ``True``: whatever they take; ``False``: never. Layers on the general route always
+            take data passes (their statistics are autograd graphs).
         seed: fast route: seed of the random initial vectors.
         progress: show a progress bar over the batches (on a terminal; not in logs).
         distributed: every process of torch.distributed's default group calls this together,
@@ -174,7 +203,11 @@ def splitting_eigen(
         )
     if not (isinstance(tol, (int, float)) and 0 < tol < 1):
         raise ValueError(f"tol must be in (0, 1), got {tol!r}")
+    if cache is not None and not isinstance(cache, bool):
+        raise TypeError(f"cache must be True, False or None, got {cache!r}")
     for name, value in (("block", block), ("max_passes", max_passes)):
+        if name == "block" and value is None:
+            continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
@@ -188,7 +221,7 @@ def splitting_eigen(
         recipes[name] = LayerRecipe(info, module, choose_route(info, module, batchnorm))
     executor = Executor(structure.graph_module, batchnorm, surrogate_beta)
     chosen = {
-        name: _pick_method(method, r.info.n, r.info.d, dtype, r.route.kind)
+        name: _pick_method(method, r.info.n, r.info.d, dtype, r.route.kind, cache is not False)
         for name, r in recipes.items()
     }
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -203,21 +236,54 @@ def splitting_eigen(
     # a DataLoader or list is iterated once per pass; only a one-shot iterator is kept in memory
     data: Iterable[Any] = list(batches) if isinstance(batches, Iterator) else batches
     gen = torch.Generator().manual_seed(seed)
+    limit = 0.0 if cache is False else math.inf if cache else float(CACHE_MAX_BYTES)
+    cacheable = {k for k, v in chosen.items() if v == "fast" and recipes[k].route.kind != "general"}
     solvers = {
-        name: BlockSubspace(r.info.n, r.info.d, which, block, tol, gen, device)
+        name: BlockSubspace(
+            r.info.n, r.info.d, which, _first_block(block, name in cacheable and limit > 0),
+            tol, gen, device,
+        )
         for name, r in recipes.items()
         if chosen[name] == "fast"
-    }
+    }  # fmt: skip
     with eval_mode(model):
         exact_names = [k for k, v in chosen.items() if v == "exact"]
-        matrices, samples = _data_pass(
+        matrices, samples, kept = _data_pass(
             executor, recipes, loss_fn, data, device, exact_names, solvers, dtype, progress,
-            distributed,
+            distributed, sorted(cacheable) if limit > 0 else [], limit,
         )  # fmt: skip
+        if distributed and not sgdist.all_agree(str(kept is not None)):
+            kept = None  # every process iterates in memory, or none does
+        late: list[str] = []  # auto's fast layers that count on memory, computed exactly instead
+        if kept is None and method == "auto":
+            late = [
+                k for k in solvers
+                if _pick_method(
+                    method, recipes[k].info.n, recipes[k].info.d, dtype, recipes[k].route.kind,
+                    False,
+                ) == "exact"
+            ]  # fmt: skip
+            for k in late:
+                chosen[k] = "exact"
+                del solvers[k]
+        in_memory = {k: solvers[k] for k in cacheable} if kept is not None else {}
+        if kept is not None:
+            _iterate_in_memory(kept, in_memory, dtype, samples, max_passes, distributed, device)
+            del kept
+        rest = {k: s for k, s in solvers.items() if k not in in_memory}
+        for solver in rest.values():  # a data pass per block from here
+            solver.set_block(block or BLOCK_PER_PASS)
         passes = 1
-        while any(not s.converged for s in solvers.values()) and passes < max_passes:
+        if late:
+            more, _, _ = _data_pass(
+                executor, recipes, loss_fn, data, device, late, rest, dtype, progress,
+                distributed,
+            )  # fmt: skip
+            matrices.update(more)
+            passes += 1
+        while any(not s.converged for s in rest.values()) and passes < max_passes:
             _data_pass(
-                executor, recipes, loss_fn, data, device, [], solvers, dtype, progress,
+                executor, recipes, loss_fn, data, device, [], rest, dtype, progress,
                 distributed,
             )  # fmt: skip
             passes += 1
@@ -228,11 +294,11 @@ def splitting_eigen(
         if chosen[name] == "exact":
             pairs = extreme_eigenpairs(matrices[name], which)
             residual = torch.zeros(recipes[name].info.n, dtype=dtype, device=device)
-            used = 1
+            used, columns = 2 if name in late else 1, recipes[name].info.d
         else:
             pairs = solvers[name].result()
             residual = solvers[name].residual.to(dtype)
-            used = passes
+            used, columns = 1 if name in in_memory else passes, solvers[name].size
         first = pairs["min" if which in ("min", "both") else "max"]
         second = pairs.get("max") if which == "both" else None
         out[name] = SplitEigen(
@@ -247,6 +313,7 @@ def splitting_eigen(
             samples=samples,
             passes=used,
             residual=residual,
+            columns=columns,
         )
     return out
 
@@ -266,10 +333,22 @@ def _select_layers(structure: ModelStructure, layers: Iterable[str] | None) -> l
     return [k for k in structure.layers if k in set(wanted)]
 
 
-def _pick_method(method: str, n: int, d: int, dtype: torch.dtype, route: str) -> str:
+def _first_block(block: int | None, in_memory: bool) -> int:
+    if block is not None:
+        return block
+    return BLOCK_IN_MEMORY if in_memory else BLOCK_PER_PASS
+
+
+def _pick_method(
+    method: str, n: int, d: int, dtype: torch.dtype, route: str, in_memory: bool
+) -> str:
+    """``method``, or what ``"auto"`` picks for a layer (see :func:`splitting_eigen`);
+    ``in_memory``: whether the fast route may iterate on statistics kept in memory."""
     if method != "auto":
         return method
     if route == "general" and d > AUTO_MAX_D_GENERAL:
+        return "fast"
+    if route == "chain" and in_memory and d > AUTO_MAX_D_CHAIN:
         return "fast"
     nbytes = n * d * d * torch.empty((), dtype=dtype).element_size()
     return "exact" if d <= AUTO_MAX_D and nbytes <= AUTO_MAX_BYTES else "fast"
@@ -286,9 +365,17 @@ def _data_pass(
     dtype: torch.dtype,
     progress: bool,
     distributed: bool = False,
-) -> tuple[dict[str, Tensor], int]:
+    keep_layers: Sequence[str] = (),
+    limit: float = 0.0,
+) -> tuple[dict[str, Tensor], int, list[tuple[dict[str, LocalProblem], int]] | None]:
     """One pass over the data: accumulate exact matrices and the solvers' products S·V
-    (summed over the processes when ``distributed``)."""
+    (summed over the processes when ``distributed``).
+
+    Returns:
+        The exact matrices, the number of samples, and each batch's local problems of the
+        layers ``keep_layers`` with its size, or ``None`` when there are none or they would take
+        more than ``limit`` bytes (then no more are kept from the moment that shows).
+    """
     active = {k: s for k, s in solvers.items() if not s.converged}
     wanted = [recipes[k] for k in (*exact_names, *active)]
     taps: list[fx.Node] = [t for r in wanted for t in r.taps()]
@@ -296,6 +383,9 @@ def _data_pass(
     keep = [k for r in wanted for k in r.keep()]
     sums: dict[str, Tensor] = {}
     total = 0
+    kept_problems: list[tuple[dict[str, LocalProblem], int]] | None = [] if keep_layers else None
+    seen: set[int] = set()  # storages already counted
+    footprint = 0
     for index, batch in enumerate(
         tqdm(data, desc="splitting", disable=None if progress else True, leave=False)
     ):
@@ -332,6 +422,11 @@ def _data_pass(
             contrib = problems[name].hvp(v).to(torch.float64) * size
             sums[name] = contrib if name not in sums else sums[name] + contrib
         total += size
+        if kept_problems is not None:
+            kept_problems.append(({k: problems[k] for k in keep_layers}, size))
+            footprint += sum(_footprint(p, seen) for p in kept_problems[-1][0].values())
+            if footprint > limit:
+                kept_problems, seen = None, set()
         del problems, kept, leaves, grads, grad_by_node
     if distributed:
         total = sgdist.sum_statistics(sums, total, device)
@@ -339,4 +434,51 @@ def _data_pass(
         raise ValueError("batches is empty: at least one (input, target) pair is needed")
     for name, solver in active.items():
         solver.update(sums.pop(name) / total)
-    return {k: v / total for k, v in sums.items()}, total
+    return {k: v / total for k, v in sums.items()}, total, kept_problems
+
+
+def _footprint(obj: object, seen: set[int]) -> int:
+    """Bytes of the tensor storages ``obj`` holds (a local problem's attributes, recursively)
+    that are not in ``seen`` yet (their addresses are added to it)."""
+    if isinstance(obj, Tensor):
+        storage = obj.untyped_storage()
+        if storage.data_ptr() in seen:
+            return 0
+        seen.add(storage.data_ptr())
+        return int(storage.nbytes())
+    if isinstance(obj, (list, tuple)):
+        return sum(_footprint(o, seen) for o in obj)
+    if isinstance(obj, dict):
+        return sum(_footprint(o, seen) for o in obj.values())
+    if isinstance(obj, LocalProblem):
+        return sum(_footprint(o, seen) for o in vars(obj).values())
+    return 0
+
+
+def _iterate_in_memory(
+    kept: list[tuple[dict[str, LocalProblem], int]],
+    solvers: dict[str, BlockSubspace],
+    dtype: torch.dtype,
+    total: int,
+    max_passes: int,
+    distributed: bool,
+    device: torch.device,
+) -> None:
+    """The fast route's later blocks from the first pass's local problems: the same products
+    S·V as a data pass computes (each batch weighed by its size, summed over the processes),
+    with no forward or backward pass of the network."""
+    steps = 1  # the first data pass gave the first block
+    while steps < max_passes:
+        active = {k: s for k, s in solvers.items() if not s.converged}
+        if not active:
+            return
+        sums: dict[str, Tensor] = {}
+        for problems, size in kept:
+            for name, solver in active.items():
+                contrib = problems[name].hvp(solver.pending.to(dtype)).to(torch.float64) * size
+                sums[name] = contrib if name not in sums else sums[name] + contrib
+        if distributed:
+            sgdist.sum_statistics(sums, total, device)
+        for name, solver in active.items():
+            solver.update(sums[name] / total)
+        steps += 1

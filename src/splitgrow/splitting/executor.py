@@ -32,6 +32,7 @@ from splitgrow.splitting.activations import (
     MODULE_PIECEWISE,
     Piecewise,
     piecewise_apply,
+    softplus_second_derivative,
 )
 
 BATCHNORM_MODES = ("running", "batch")
@@ -129,6 +130,24 @@ class Executor:
         pw = MODULE_PIECEWISE.get(type(m))
         return None if pw is None else pw(m)
 
+    def _piecewise(
+        self, node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Piecewise | None:
+        """The piecewise-linear activation ``node`` is, or ``None``."""
+        if node.op == "call_module":
+            m = self.modules[str(node.target)]
+            if isinstance(m, (_BatchNorm, *DROPOUTS)):
+                return None
+            return self._module_piecewise(m, args[0])
+        if node.op == "call_function" and node.target in FUNCTION_PIECEWISE:
+            return FUNCTION_PIECEWISE[node.target](args, kwargs)
+        if node.op == "call_method":
+            name = str(node.target)
+            name = name[:-1] if name.endswith("_") and not name.endswith("__") else name
+            if name in METHOD_PIECEWISE:
+                return METHOD_PIECEWISE[name](args, kwargs)
+        return None
+
     def _call_function(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if fn in _DROPOUT_FUNCTIONS:
             return args[0]
@@ -215,9 +234,19 @@ class Executor:
 
     def second_derivative(self, node: fx.Node, z: Tensor) -> Tensor:
         """σ''(z) of a pointwise activation node, surrogate included (elementwise)."""
+        args = (z, *fx.node.map_arg(node.args[1:], lambda a: a))
+        pw = self._piecewise(node, args, dict(node.kwargs))
+        if pw is not None:  # closed form: the surrogate's curvature at the kinks, or zero
+            out = torch.zeros_like(z)
+            beta = self._beta()
+            if beta is None:
+                return out
+            for t, c in pw.kinks:
+                out = out + c * softplus_second_derivative(z.detach() - t, beta)
+            return out
         with torch.enable_grad():
             z = z.detach().requires_grad_(True)
-            args = (z, *fx.node.map_arg(node.args[1:], lambda a: a))
+            args = (z, *args[1:])
             y = self.run_node(node, args, dict(node.kwargs))
             (d1,) = torch.autograd.grad(y.sum(), z, create_graph=True)
             if not d1.requires_grad:  # σ' constant: σ'' = 0, plus the surrogate if any

@@ -45,6 +45,7 @@ from splitgrow.splitting import neurons
 from splitgrow.splitting.executor import Executor
 
 _CHUNK_ELEMENTS = 1 << 24  # bound on the elements of each chunk's temporaries (tangents, features)
+_HVP_SLICE_ELEMENTS = 1 << 20  # a slice's elements of the layer output, for S·v
 HVP_CHUNK = 32  # Hessian-vector products of the general route batched in one backward pass
 
 
@@ -393,6 +394,8 @@ class GeneralProblem(LocalProblem):
 def _times(base: Tensor, scale: Tensor) -> Tensor:
     """``base · scale`` (broadcast) into a new contiguous tensor. A plain product of an expanded
     base takes the operands' stride order, and the reshape that follows would copy it again."""
+    if torch.is_grad_enabled() and (base.requires_grad or scale.requires_grad):
+        return (base * scale).contiguous()  # out= is not recorded by autograd
     out = torch.empty(
         torch.broadcast_shapes(base.shape, scale.shape), dtype=base.dtype, device=base.device
     )
@@ -437,25 +440,17 @@ class ChainProblem(LocalProblem):
         self.n, self.d = th.shape
         self.acts = acts
         self.inputs = [first_input(a) for a, _, _ in acts]
+        self._state: list[_SliceState] | None = None  # see _hvp_state
 
-    def _u(self, y: Tensor) -> list[Tensor]:
-        with self.ex.first_order():  # values and first derivatives only
-            values = self.ex.run_chain(self.chain, {self.producer: y}, self.inputs)
-        pairs = zip(self.inputs, values, strict=True)
-        return [y if node is self.producer else v for node, v in pairs]
-
-    def _push(
-        self, y: Tensor, t: Tensor
-    ) -> tuple[list[Tensor], list[tuple[Tensor, Tensor | None]]]:
-        """Activation inputs u_k and their tangents for the batch of tangents ``t`` ``(d, …)``.
-
-        A tangent is kept as ``(base (d, …), scale)`` meaning ``base · scale``: pointwise steps
-        only multiply the unbatched ``scale`` by their derivative, computed once from the primal.
-        Steps that mix positions (pools, depthwise convs, reshapes) materialise it and are pushed
-        with ``vmap``. Equivalent to ``vmap(jvp(chain))`` without repeating the primal d times.
-        """
+    def _primal(
+        self, y: Tensor
+    ) -> tuple[dict[fx.Node, Any], dict[fx.Node, Tensor | None], dict[fx.Node, Tensor | None]]:
+        """The chain's values for the layer output ``y``; each node's tangent scale (the product of
+        the pointwise slopes since the last step that mixes positions; ``None`` right after such
+        a step); and the offsets f(0) of affine steps without a bias (``None`` where zero)."""
         primal: dict[fx.Node, Any] = {self.producer: y}
-        tangent: dict[fx.Node, tuple[Tensor, Tensor | None]] = {self.producer: (t, None)}
+        scales: dict[fx.Node, Tensor | None] = {self.producer: None}
+        offsets: dict[fx.Node, Tensor | None] = {}
         for node in self.chain:
             args = fx.node.map_arg(node.args, lambda a: primal[a])
             kwargs = fx.node.map_arg(node.kwargs, lambda a: primal[a])
@@ -463,18 +458,57 @@ class ChainProblem(LocalProblem):
             if kind == StepKind.META:
                 primal[node] = self.ex.run_node(node, args, kwargs)
                 continue
-            chain_in = [a for a in node.all_input_nodes if a in tangent]
+            chain_in = [a for a in node.all_input_nodes if a in scales]
             if kind != StepKind.LINEAR and len(chain_in) == 1 and node.args[0] is chain_in[0]:
                 value, slope = self._pointwise(node, args, kwargs)
-                base, scale = tangent[chain_in[0]]
+                before = scales[chain_in[0]]
                 primal[node] = value
-                tangent[node] = (base, slope if scale is None else scale * slope)
+                scales[node] = slope if before is None else before * slope
                 continue
-            full = [b if sc is None else _times(b, sc) for b, sc in (tangent[a] for a in chain_in)]
-            primal[node], pushed = self._linear(node, chain_in, primal, full)
-            tangent[node] = (pushed, None)
-        us = [primal[a] for a in self.inputs]
-        return us, [tangent[a] for a in self.inputs]
+            primal[node] = self._run(node, chain_in, primal, [primal[a] for a in chain_in])
+            scales[node] = None
+            if not _is_selection(node, self.ex.modules) and self._bias(node) is None:
+                # any other affine step A·u + b: its tangent is A·t = f(t) − f(0)
+                zeros = [torch.zeros_like(primal[a]) for a in chain_in]
+                offset = self._run(node, chain_in, primal, zeros)
+                offsets[node] = offset if bool(offset.any()) else None
+        return primal, scales, offsets
+
+    def _tangents(
+        self,
+        t: Tensor,
+        primal: dict[fx.Node, Any],
+        scales: dict[fx.Node, Tensor | None],
+        offsets: dict[fx.Node, Tensor | None],
+    ) -> list[tuple[Tensor, Tensor | None]]:
+        """Tangents of the activation inputs u_k for the batch of tangents ``t`` ``(m, …)`` of
+        the layer output, each as ``(base (m, …), scale)`` meaning ``base · scale``: pointwise
+        steps only change the unbatched scale (from :meth:`_primal`); steps that mix positions
+        (pools, depthwise convs, reshapes) materialise it and are pushed with the m tangents
+        folded into the batch. Equivalent to ``vmap(jvp(chain))`` without repeating the primal.
+        """
+        base: dict[fx.Node, Tensor] = {self.producer: t}
+        for node in self.chain:
+            if self.kinds[node] == StepKind.META:
+                continue
+            chain_in = [a for a in node.all_input_nodes if a in base]
+            if scales[node] is not None:  # pointwise: the scale holds its slope
+                base[node] = base[chain_in[0]]
+                continue
+            full = []
+            for a in chain_in:
+                scale = scales[a]
+                full.append(base[a] if scale is None else _times(base[a], scale))
+            base[node] = self._push_linear(node, chain_in, primal, full, offsets.get(node))
+        return [(base[a], scales[a]) for a in self.inputs]
+
+    def _push(
+        self, y: Tensor, t: Tensor
+    ) -> tuple[list[Tensor], list[tuple[Tensor, Tensor | None]]]:
+        """Activation inputs u_k for the layer output ``y``, and their tangents (see
+        :meth:`_tangents`) for the tangents ``t`` of ``y``."""
+        primal, scales, offsets = self._primal(y)
+        return [primal[a] for a in self.inputs], self._tangents(t, primal, scales, offsets)
 
     def _pointwise(
         self, node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -486,46 +520,56 @@ class ChainProblem(LocalProblem):
             (slope,) = torch.autograd.grad(out, u, torch.ones_like(out), allow_unused=True)
         return out.detach(), torch.zeros_like(u) if slope is None else slope
 
-    def _linear(
+    def _bias(self, node: fx.Node) -> Tensor | None:
+        if node.op != "call_module":
+            return None
+        return optional_tensor(self.ex.modules[str(node.target)], "bias")
+
+    def _run(
+        self,
+        node: fx.Node,
+        chain_in: list[fx.Node],
+        primal: dict[fx.Node, Any],
+        values: list[Tensor],
+        without_bias: bool = False,
+    ) -> Any:
+        """The step ``node`` with ``values`` for its chain inputs and the primal for the rest."""
+        env = dict(primal)
+        env.update(zip(chain_in, values, strict=True))
+        args = fx.node.map_arg(node.args, lambda a: env[a])
+        kwargs = fx.node.map_arg(node.kwargs, lambda a: env[a])
+        bias = self._bias(node)
+        if without_bias and bias is not None:  # a depthwise conv: A·u without its + b
+            module = self.ex.modules[str(node.target)]
+            return functional_call(module, {"bias": torch.zeros_like(bias)}, args, kwargs)
+        with self.ex.first_order():
+            return self.ex.run_node(node, args, kwargs)
+
+    def _push_linear(
         self,
         node: fx.Node,
         chain_in: list[fx.Node],
         primal: dict[fx.Node, Any],
         tangents: list[Tensor],
-    ) -> tuple[Tensor, Tensor]:
-        """A step that may mix positions: its value, and its tangents (vectorised over d)."""
-        bias = None
-        if node.op == "call_module":
-            bias = optional_tensor(self.ex.modules[str(node.target)], "bias")
+        offset: Tensor | None,
+    ) -> Tensor:
+        """Tangents of a step that may mix positions, vectorised over their first dimension."""
 
-        def run(*values: Tensor, without_bias: bool = False) -> Any:
-            env = dict(primal)
-            env.update(zip(chain_in, values, strict=True))
-            args = fx.node.map_arg(node.args, lambda a: env[a])
-            kwargs = fx.node.map_arg(node.kwargs, lambda a: env[a])
-            if without_bias and bias is not None:  # a depthwise conv: A·u without its + b
-                module = self.ex.modules[str(node.target)]
-                return functional_call(module, {"bias": torch.zeros_like(bias)}, args, kwargs)
-            with self.ex.first_order():
-                return self.ex.run_node(node, args, kwargs)
+        def run(*values: Tensor) -> Any:
+            return self._run(node, chain_in, primal, list(values), without_bias=True)
 
-        base = tuple(primal[a] for a in chain_in)
-        value = run(*base)
         if _is_selection(node, self.ex.modules):  # max pools: select where the primal does
-            return value, vmap(lambda *ts: jvp(run, base, ts)[1])(*tangents)
+            base = tuple(primal[a] for a in chain_in)
+            return vmap(lambda *ts: jvp(run, base, ts)[1])(*tangents)
         if len(chain_in) == 1 and len(node.all_input_nodes) == 1:
-            # a per-sample op on one tensor: fold the d tangents into the batch dimension
+            # a per-sample op on one tensor: fold the tangents into the batch dimension
             t = tangents[0]
-            out = run(t.reshape(-1, *t.shape[2:]), without_bias=True)
+            out = run(t.reshape(-1, *t.shape[2:]))
             pushed = out.reshape(t.shape[0], t.shape[1], *out.shape[1:])
         else:
             contiguous = [t.contiguous() for t in tangents]  # views inside vmap need it
-            pushed = vmap(lambda *ts: run(*ts, without_bias=True))(*contiguous)
-        if bias is None:  # any other affine step A·u + b: its tangent is A·t = f(t) − f(0)
-            offset = run(*(torch.zeros_like(b) for b in base))
-            if bool(offset.any()):
-                pushed = pushed - offset
-        return value, pushed
+            pushed = vmap(run)(*contiguous)
+        return pushed if offset is None else pushed - offset
 
     def _weights(self, us: list[Tensor], rows: slice) -> list[Tensor]:
         """w_k = G_k·σ_k''(u_k), shaped like u_k, for the samples ``rows``."""
@@ -585,37 +629,62 @@ class ChainProblem(LocalProblem):
                     out += (jn * wn) @ jn.transpose(1, 2)
         return out
 
+    def _hvp_state(self) -> list[_SliceState]:
+        """What every product S·v on this batch reuses, computed at the first, per slice of
+        samples: the primal inputs of the steps that mix positions, the tangent scales and
+        offsets, and the weights w_k·scale_k². Slices keep the temporaries of a product small
+        (large fresh allocations cost more than the arithmetic on them: ~4× on CPU)."""
+        if self._state is not None:
+            return self._state
+        step = max(1, _HVP_SLICE_ELEMENTS // max(1, self.y[0].numel()))
+        self._state = []
+        for s in range(0, self.y.shape[0], step):
+            rows = slice(s, s + step)
+            with torch.no_grad():
+                primal, scales, offsets = self._primal(self.y[rows])
+                us = [primal[a] for a in self.inputs]
+                weights = [
+                    w if scales[a] is None else w * scales[a].square()  # type: ignore[union-attr]
+                    for w, a in zip(self._weights(us, rows), self.inputs, strict=True)
+                ]
+            needed = {
+                a for node in self.chain if node in primal and scales.get(node, 0) is None
+                for a in node.all_input_nodes
+            }  # fmt: skip
+            primal = {k: v for k, v in primal.items() if k in needed}
+            self._state.append(_SliceState(rows, primal, scales, offsets, weights))
+        return self._state
+
     def hvp(self, v: Tensor) -> Tensor:
-        """S·v for every column of ``v`` ``(n, d, m)`` at once: push J·v forward, weight it, and
-        pull Jᵀ(w ⊙ J·v) back with one batched backward pass."""
-        v = v.to(self.th.dtype)
-        with torch.no_grad():
-            ydot = vmap(lambda col: neurons.forward(self.module, self.x, col), in_dims=2)(v)
-            us, tangents = self._push(self.y, ydot)  # (m, B, …) tangents of each u_k
-            pulled = [
-                w * (base if scale is None else base * scale)
-                for w, (base, scale) in zip(self._weights(us, slice(None)), tangents, strict=True)
-            ]
-        handler = neurons.handler(self.module)
-        patches = handler.patches(self.module, self.x)  # (B, P, d) or None
-        if patches is None:  # no patches: pull back through the layer by autograd as well
+        """S·v for every column of ``v`` ``(n, d, m)`` at once, as the gradient in v of
+        ½ Σ_k Σ w_k·(J_k v)²: push J·v forward (the m columns folded into the batch), then one
+        backward pass, per slice of samples. The primal, scales and weights are computed at the
+        first product and kept with the problem."""
+        v = v.detach().to(self.th.dtype)
+        out = torch.zeros_like(v)
+        for part in self._hvp_state():
+            x = self.x[part.rows]
             with torch.enable_grad():
-                th = self.th.detach().requires_grad_(True)
-                outs = self._u(neurons.forward(self.module, self.x, th))
-                (cols,) = torch.autograd.grad(outs, th, pulled, is_grads_batched=True)
-            return cols.permute(1, 2, 0)  # (m, n, d) → (n, d, m)
-        # pull back through the chain (batched over the m columns), then through the layer with
-        # one product for all columns: Σ_{b,p} r_{b,i,p} x̃_{b,p}
-        m, batch = v.shape[2], self.y.shape[0]
-        with torch.enable_grad():
-            y = self.y.detach().requires_grad_(True)
-            outs = self._u(y)
-            (ry,) = torch.autograd.grad(outs, y, pulled, is_grads_batched=True)
-        ry = ry.reshape(m * batch, *self.y.shape[1:])
-        r = handler.to_bnp(self.module, ry).reshape(m, batch, self.n, -1)  # (m, B, n, P)
-        r = r.permute(0, 2, 1, 3).reshape(m * self.n, -1)  # (m·n, B·P)
-        cols = (r @ patches.reshape(-1, self.d)).view(m, self.n, self.d)
-        return cols.permute(1, 2, 0)  # (m, n, d) → (n, d, m)
+                vv = v.requires_grad_(True)
+                ydot = vmap(lambda col, x=x: neurons.forward(self.module, x, col), in_dims=2)(vv)
+                tangents = self._tangents(ydot, part.primal, part.scales, part.offsets)
+                q = torch.zeros((), dtype=v.dtype, device=v.device)
+                for w, (base, _) in zip(part.weights, tangents, strict=True):
+                    q = q + (w * base.square()).sum()
+                (cols,) = torch.autograd.grad(q / 2, vv)
+            out += cols
+        return out
+
+
+@dataclass
+class _SliceState:
+    """A slice of a chain problem's samples, with what its products S·v reuse."""
+
+    rows: slice
+    primal: dict[fx.Node, Any]
+    scales: dict[fx.Node, Tensor | None]
+    offsets: dict[fx.Node, Tensor | None]
+    weights: list[Tensor]
 
 
 _SELECTIONS: tuple[Any, ...] = (

@@ -87,9 +87,7 @@ class BlockSubspace:
         device: torch.device,
     ) -> None:
         self.n, self.d, self.which, self.tol = n, d, which, tol
-        # "both" tracks two ends: at least one new column for each
-        self.block = max(2 if which == "both" else 1, min(block, d))
-        self.block = min(self.block, d)
+        self.set_block(block)
         self.gen = generator
         f64 = torch.float64
         self.basis = torch.zeros(n, d, 0, dtype=f64, device=device)
@@ -124,6 +122,16 @@ class BlockSubspace:
             return
         nxt = res[:, :, : min(self.block, room)]
         self.pending = _orthonormalize(nxt, self.basis, self.gen)
+
+    def set_block(self, block: int) -> None:
+        """Columns added per later step (the next pending block keeps its size)."""
+        # "both" tracks two ends: at least one new column for each
+        self.block = min(max(2 if self.which == "both" else 1, block), self.d)
+
+    @property
+    def size(self) -> int:
+        """Columns of the search space so far (products S·v per neuron)."""
+        return int(self.basis.shape[2])
 
     def _wanted(self, size: int) -> list[int]:
         k = min(self.block, size)
