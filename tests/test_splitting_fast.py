@@ -9,7 +9,8 @@ from torch import nn
 
 import splitgrow
 from splitgrow.splitting import eigen as eigen_module
-from splitgrow.splitting.local import LocalProblem
+from splitgrow.splitting import neurons
+from splitgrow.splitting.local import ChainProblem, ClosedFormProblem, LocalProblem
 from splitgrow.splitting.solvers import BlockSubspace
 
 
@@ -203,6 +204,20 @@ def test_products_on_kept_statistics_equal_the_exact_matrices(
                 for _ in range(2):  # the second product reuses what the first computed
                     got = problem.hvp(v)
                     assert torch.allclose(got, expected, rtol=1e-9, atol=1e-12), (name, layer)
+                # the projected problem uᵀSu, and X̃ᵀX̃u from the shared input patches
+                u = torch.linalg.qr(torch.randn(d, 4, generator=gen, dtype=torch.float64))[0]
+                ref = u.t() @ s @ u
+                assert torch.allclose(problem.projected(u), ref, rtol=1e-9, atol=1e-12)
+                gram_u = problem.inputs_gram_times(u)
+                if isinstance(problem, ClosedFormProblem):
+                    x = problem.x
+                else:
+                    assert isinstance(problem, ChainProblem)
+                    patches = neurons.handler(problem.module).patches(problem.module, problem.x)
+                    assert patches is not None
+                    x = patches.reshape(-1, d)
+                assert gram_u is not None
+                assert torch.allclose(gram_u, x.t() @ x @ u, rtol=1e-9, atol=1e-12)
     assert {"ChainProblem", "ClosedFormProblem"} <= kinds
 
 
@@ -210,3 +225,49 @@ def test_bad_cache_argument() -> None:
     model, batches = build("mlp")
     with pytest.raises(TypeError, match="cache must be True, False or None"):
         splitgrow.splitting_eigen(model, loss_fn, batches, method="fast", cache="yes")  # type: ignore[arg-type]
+
+
+def test_a_start_from_the_right_subspace_converges_at_once() -> None:
+    """Ritz vectors of the problem projected on a subspace holding the wanted eigenvectors are
+    those eigenvectors: one block of products confirms them."""
+    gen = torch.Generator().manual_seed(0)
+    n, d = 3, 40
+    q, _ = torch.linalg.qr(torch.randn(n, d, d, generator=gen, dtype=torch.float64))
+    spectrum = torch.linspace(-1, 1, d, dtype=torch.float64).repeat(n, 1)
+    spectrum[:, 0] = -2.0
+    s = q @ torch.diag_embed(spectrum) @ q.transpose(1, 2)
+    solver = BlockSubspace(n, d, "min", 1, 1e-8, gen, torch.device("cpu"))
+    solver.update(s @ solver.pending)  # a random first column, as the first data pass gives
+    # a shared 6-dimensional subspace holding every neuron's eigenvector of λ = −2
+    u = torch.linalg.qr(
+        torch.cat([q[:, :, 0].t(), torch.randn(d, 3, generator=gen, dtype=torch.float64)], 1)
+    )[0]
+    solver.start_from(u, u.t() @ s @ u)
+    solver.update(s @ solver.pending)
+    assert solver.converged and solver.size == 2
+    values, vectors = solver.result()["min"]
+    assert torch.allclose(values, torch.full((n,), -2.0, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose((vectors * q[:, :, 0]).sum(1).abs(), torch.ones(n, dtype=torch.float64))
+
+
+def test_wide_layers_start_from_the_projected_problem(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The projected start (here lowered to d >= 8, 6 directions) runs on the closed-form and
+    chain routes, and the eigenpairs still agree with exact."""
+    monkeypatch.setattr(eigen_module, "SUBSPACE_START_MIN_D", 8)
+    monkeypatch.setattr(eigen_module, "SUBSPACE_START_COLUMNS", 6)
+    started: list[int] = []
+    original = BlockSubspace.start_from
+
+    def spy(self: BlockSubspace, u: torch.Tensor, projected: torch.Tensor) -> None:
+        started.append(self.d)
+        original(self, u, projected)
+
+    monkeypatch.setattr(BlockSubspace, "start_from", spy)
+    for name in ("mobile_block", "cnn1d"):
+        model, batches = build(name)
+        exact = splitgrow.splitting_eigen(model, loss_fn, batches, which="both")
+        fast = splitgrow.splitting_eigen(model, loss_fn, batches, which="both", method="fast")
+        for layer, e in exact.items():
+            assert _agreement(fast[layer].values, e.values) >= 0.95, (name, layer)
+            assert _agreement(fast[layer].max_values, e.max_values) >= 0.95, (name, layer)
+    assert started == [28, 10, 13]  # mobile_block's chain layer c1, cnn1d's closed-form ones

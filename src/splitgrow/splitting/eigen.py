@@ -32,6 +32,11 @@ BLOCK_IN_MEMORY, BLOCK_PER_PASS = 1, 4
 #: the fast route keeps each batch's statistics from its first data pass and iterates on them in
 #: memory, with no further data pass, while they take at most this many bytes (``cache=None``)
 CACHE_MAX_BYTES = 2 << 30
+#: iterating in memory on a layer whose neurons share input patches x̃ (closed-form and chain
+#: routes) with d at least this, the fast route starts from the problem projected on the top
+#: ``SUBSPACE_START_COLUMNS`` principal directions of x̃ (randomised range finder)
+SUBSPACE_START_MIN_D = 256
+SUBSPACE_START_COLUMNS = 64
 #: ``method="exact"`` refuses a layer whose n matrices of d×d would take more than this
 EXACT_MAX_BYTES = 8 << 30
 
@@ -121,7 +126,7 @@ def splitting_eigen(
     layers: Iterable[str] | None = None,
     batchnorm: str = "running",
     surrogate_beta: float | None = DEFAULT_SURROGATE_BETA,
-    tol: float = 1e-3,
+    tol: float = 1e-2,
     block: int | None = None,
     max_passes: int = 64,
     cache: bool | None = None,
@@ -150,7 +155,10 @@ def splitting_eigen(
             statistics, as training sees them.
         surrogate_beta: softplus sharpness β of the smooth second derivative given to ReLU-like
             activations; ``None`` for their exact (almost everywhere zero) second derivative.
-        tol: fast route: relative residual at which an eigenpair is converged.
+        tol: fast route: residual ‖S_i x − θx‖ at which a Ritz pair (θ, x) is converged,
+            relative to the layer's largest |θ| at the wanted ends. S_i then has an eigenvalue
+            within ``tol`` × that scale of θ (the default 1e-2: within 1%), and x is within
+            about ``tol`` × scale / gap of its eigenvector.
         block: fast route: vectors per neuron added to the search space per block of
             products. ``None`` (default): 1 while iterating in memory (a block costs only its
             products, and single vectors reach a given accuracy with the fewest), 4 with a data
@@ -436,6 +444,7 @@ def _iterate_in_memory(
     """The fast route's later blocks from the first pass's local problems: the same products
     S·V as a data pass computes (each batch weighed by its size, summed over the processes),
     with no forward or backward pass of the network."""
+    _projected_start(kept, solvers, dtype, total, distributed, device)
     steps = 1  # the first data pass gave the first block
     while steps < max_passes:
         active = {k: s for k, s in solvers.items() if not s.converged}
@@ -451,3 +460,46 @@ def _iterate_in_memory(
         for name, solver in active.items():
             solver.update(sums[name] / total)
         steps += 1
+
+
+def _projected_start(
+    kept: list[tuple[dict[str, LocalProblem], int]],
+    solvers: dict[str, BlockSubspace],
+    dtype: torch.dtype,
+    total: int,
+    distributed: bool,
+    device: torch.device,
+) -> None:
+    """Start wide layers' solvers from the problem projected on the principal subspace of their
+    input patches: u spans X̃ᵀX̃Ω for a random Ω (one power step), then uᵀS_iu for all neurons
+    costs about as much as one of the fast route's blocks on these routes. Eigenvectors with
+    large |λ| lean on directions in which the inputs vary (|vᵀS_iv| ≤ max|w|·vᵀX̃ᵀX̃v), so the
+    Ritz vectors are a close start; the solver still iterates to its residual tolerance."""
+    for name in sorted(solvers):
+        solver = solvers[name]
+        if solver.converged or solver.d < SUBSPACE_START_MIN_D:
+            continue
+        k = min(SUBSPACE_START_COLUMNS, solver.d)
+        u = torch.randn(solver.d, k, generator=solver.gen, dtype=torch.float64).to(device)
+        shared = True
+        for _ in range(2):  # the range of X̃ᵀX̃Ω, then one power step
+            acc = torch.zeros_like(u)
+            for problems, _ in kept:
+                g = problems[name].inputs_gram_times(u.to(dtype))
+                if g is None:
+                    shared = False
+                    break
+                acc += g.to(torch.float64)
+            if not shared:
+                break
+            if distributed:
+                sgdist.sum_statistics({name: acc}, total, device)
+            u = torch.linalg.qr(acc)[0]
+        if not shared:  # the same on every process: the route decides
+            continue
+        proj = torch.zeros(solver.n, k, k, dtype=torch.float64, device=device)
+        for problems, size in kept:
+            proj += problems[name].projected(u.to(dtype)).to(torch.float64) * size
+        if distributed:
+            sgdist.sum_statistics({name: proj}, total, device)
+        solver.start_from(u, proj / total)

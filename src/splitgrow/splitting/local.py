@@ -239,6 +239,17 @@ class LocalProblem:
         """S_b v for every neuron and block column: ``v`` and result ``(n, d, m)``."""
         raise NotImplementedError
 
+    def projected(self, u: Tensor) -> Tensor:
+        """uᵀ S_b u for every neuron, ``u`` ``(d, k)``: ``(n, k, k)``. Here from k products
+        S·v; routes that share input patches x̃ across neurons do it for less."""
+        su = self.hvp(u.expand(self.n, *u.shape))  # (n, d, k)
+        return u.t() @ su
+
+    def inputs_gram_times(self, u: Tensor) -> Tensor | None:
+        """X̃ᵀX̃ u ``(d, k)`` for the batch's input patches X̃ ``(B·P, d)`` shared by all neurons,
+        or ``None`` where the route has none."""
+        return None
+
 
 class ZeroProblem(LocalProblem):
     """No curved step between the layer and its consumers: S = 0 exactly."""
@@ -251,6 +262,9 @@ class ZeroProblem(LocalProblem):
 
     def hvp(self, v: Tensor) -> Tensor:
         return torch.zeros_like(v)
+
+    def projected(self, u: Tensor) -> Tensor:
+        return self.like.new_zeros(self.n, u.shape[1], u.shape[1])
 
 
 GEMM_MAX_D = 48  # up to this d, Σ w x̃x̃ᵀ goes through x̃⊗x̃ features (d² per row) in one GEMM
@@ -295,6 +309,12 @@ class ClosedFormProblem(LocalProblem):
         xv = (self.x @ v.permute(1, 0, 2).reshape(d, n * m)).view(-1, n, m)  # (B·P, n, m)
         xv = xv * self.w.t().unsqueeze(-1)
         return (self.x.t() @ xv.reshape(-1, n * m)).view(d, n, m).permute(1, 0, 2)
+
+    def projected(self, u: Tensor) -> Tensor:
+        return weighted_grams(self.x @ u, self.w)
+
+    def inputs_gram_times(self, u: Tensor) -> Tensor:
+        return self.x.t() @ (self.x @ u)
 
 
 class GeneralProblem(LocalProblem):
@@ -578,27 +598,54 @@ class ChainProblem(LocalProblem):
             for (node, _, grad), u in zip(self.acts, us, strict=True)
         ]
 
-    def _basis_tangents(self, x: Tensor, y: Tensor, patches: Tensor | None) -> Tensor:
-        """∂y/∂θ_{·,j} for every basis direction j, all neurons at once: ``(d, *y.shape)``."""
+    def _basis_tangents(
+        self, x: Tensor, y: Tensor, patches: Tensor | None, u: Tensor | None = None
+    ) -> Tensor:
+        """∂y/∂θ_{·,j} for every basis direction j (the columns of ``u``, default the d unit
+        vectors), all neurons at once: ``(k, *y.shape)``. ``patches`` are already times u."""
         if patches is None:
-            eye = torch.eye(self.d, dtype=y.dtype, device=y.device)
-            basis = eye[:, None, :].expand(self.d, self.n, self.d)
+            dirs = torch.eye(self.d, dtype=y.dtype, device=y.device) if u is None else u.t()
+            basis = dirs[:, None, :].expand(dirs.shape[0], self.n, self.d)
             return vmap(lambda e: neurons.forward(self.module, x, e))(basis)
-        t = patches.permute(2, 0, 1)  # (d, B, P)
+        k = patches.shape[-1]
+        t = patches.permute(2, 0, 1)  # (k, B, P)
         if isinstance(self.module, nn.Linear):
-            return t.reshape(self.d, *y.shape[:-1], 1).expand(self.d, *y.shape)
-        return t.reshape(self.d, y.shape[0], 1, *y.shape[2:]).expand(self.d, *y.shape)
+            return t.reshape(k, *y.shape[:-1], 1).expand(k, *y.shape)
+        return t.reshape(k, y.shape[0], 1, *y.shape[2:]).expand(k, *y.shape)
+
+    def _patches(self, x: Tensor) -> Tensor | None:
+        return neurons.handler(self.module).patches(self.module, x)  # (B, P, d) or None
+
+    def projected(self, u: Tensor) -> Tensor:
+        return self.matrices(u)
 
     @torch.no_grad()
-    def matrices(self) -> Tensor:
-        out = self.th.new_zeros(self.n, self.d, self.d)
-        per_sample = max(1, self.y[0].numel() * self.d)
+    def inputs_gram_times(self, u: Tensor) -> Tensor | None:
+        out = u.new_zeros(u.shape)
+        step = max(1, _CHUNK_ELEMENTS // max(1, self.y[0].numel() * self.d))
+        for s in range(0, self.x.shape[0], step):
+            patches = self._patches(self.x[s : s + step])
+            if patches is None:
+                return None
+            flat = patches.reshape(-1, self.d)
+            out += flat.t() @ (flat @ u)
+        return out
+
+    @torch.no_grad()
+    def matrices(self, u: Tensor | None = None) -> Tensor:
+        """S_b for every neuron ``(n, d, d)``, or uᵀ S_b u ``(n, k, k)`` for ``u`` ``(d, k)``:
+        the same Jacobian-chain sums over the k directions u instead of the d unit vectors."""
+        d = self.d if u is None else u.shape[1]
+        out = self.th.new_zeros(self.n, d, d)
+        per_sample = max(1, self.y[0].numel() * d)
         step = max(1, _CHUNK_ELEMENTS // per_sample)
         for s in range(0, self.y.shape[0], step):
             rows = slice(s, s + step)
             x, y = self.x[rows], self.y[rows]
-            patches = neurons.handler(self.module).patches(self.module, x)  # (B, P, d)
-            basis = self._basis_tangents(x, y, patches)
+            patches = self._patches(x)  # (B, P, d)
+            if patches is not None and u is not None:
+                patches = patches @ u  # (B, P, k)
+            basis = self._basis_tangents(x, y, patches, u)
             us, tangents = self._push(y, basis)
             layouts = [layout for _, layout, _ in self.acts]
             for layout, wu, (ut, scale) in zip(
@@ -611,12 +658,12 @@ class ChainProblem(LocalProblem):
                     # no step that mixes positions before this activation: J_i = x̃·scale_i,
                     # the closed form's Σ w x̃ x̃ᵀ, with x̃ shared by all neurons
                     flat = w.permute(1, 0, 2).reshape(self.n, -1)  # (n, B·P)
-                    out += weighted_grams(patches.reshape(-1, self.d), flat)
+                    out += weighted_grams(patches.reshape(-1, d), flat)
                     continue
                 if layout.cdim == -1 and ut.dim() > 3:
                     ut = ut.movedim(-1, 2)  # (d, B, …, n) → (d, B, n, …)
-                j = ut.reshape(self.d, ut.shape[1], self.n, -1).permute(1, 2, 0, 3)  # (B, n, d, P)
-                if j.shape[3] >= self.d:
+                j = ut.reshape(d, ut.shape[1], self.n, -1).permute(1, 2, 0, 3)  # (B, n, d, P)
+                if j.shape[3] >= d:
                     # every (d, P) matrix of this view has unit stride along P: the batched
                     # product runs without copying the tangents into another layout, and its
                     # (B, n, d, d) result is no larger than the tangents
@@ -624,7 +671,7 @@ class ChainProblem(LocalProblem):
                     torch.mul(j, w[:, :, None, :], out=jw)
                     out += torch.matmul(jw, j.transpose(2, 3)).sum(0)
                 else:  # few positions per sample: contract over samples and positions at once
-                    jn = j.permute(1, 2, 0, 3).reshape(self.n, self.d, -1)  # (n, d, B·P)
+                    jn = j.permute(1, 2, 0, 3).reshape(self.n, d, -1)  # (n, d, B·P)
                     wn = w.permute(1, 0, 2).reshape(self.n, 1, -1)
                     out += (jn * wn) @ jn.transpose(1, 2)
         return out

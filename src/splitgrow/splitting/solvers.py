@@ -123,6 +123,17 @@ class BlockSubspace:
         nxt = res[:, :, : min(self.block, room)]
         self.pending = _orthonormalize(nxt, self.basis, self.gen)
 
+    def start_from(self, u: Tensor, projected: Tensor) -> None:
+        """Make the next block the Ritz vectors, at the wanted ends, of the problem projected on
+        the columns of ``u`` ``(d, k)`` (``projected``: uᵀ S_i u, ``(n, k, k)``): a start far
+        better than random where S's extreme eigenvectors lie mostly in span(u)."""
+        if self.converged:
+            return
+        _, coords = torch.linalg.eigh(projected.to(torch.float64))
+        wanted = self._wanted(coords.shape[2])
+        x = u.to(torch.float64) @ coords[:, :, wanted]  # (n, d, len(wanted))
+        self.pending = _orthonormalize(x, self.basis, self.gen)
+
     def set_block(self, block: int) -> None:
         """Columns added per later step (the next pending block keeps its size)."""
         # "both" tracks two ends: at least one new column for each
