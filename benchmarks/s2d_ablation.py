@@ -43,6 +43,7 @@ MLP_VARIANTS: dict[str, dict[str, Any]] = {
         **SHORT, "eps_mode": "relative", "eps": 0.5, "directions": "random",
     },
     "5 × 5, fresh neurons (grow-fresh)": {**SHORT, "directions": "fresh"},
+    "5 × 5, λ per layer (selection='per-layer')": {**SHORT, "selection": "per-layer"},
 }  # fmt: skip
 CNN_BASE: dict[str, Any] = {
     "rounds": 5, "epochs_per_round": 5, "final_epochs": 15, "optimizer": "sgd", "lr": 0.05,

@@ -165,17 +165,17 @@ def test_per_layer_selection_takes_each_layers_most_unstable_first(digits: data.
         GrowConfig(selection="random")
 
 
-def test_budget_trim_ranks_by_the_selection_in_use(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With per-layer selection, the neurons dropped to fit the budget are the ones that
-    selection ranks last, not the ones with the largest raw λ."""
+def _two_layer_split_round(
+    monkeypatch: pytest.MonkeyPatch, model: nn.Sequential, cfg: GrowConfig
+) -> dict[str, int]:
+    """One split round of ``model`` (Linear 4→6, Tanh, Linear 6→6, Tanh, Linear 6→2) with
+    λ_min faked: layer 0 [-100, -50, 1, …] and layer 2 [-0.01, -0.0099, -0.0098, -0.0097, 1, 1];
+    returns the splits per layer."""
     import importlib
     import types
 
     G = importlib.import_module("splitgrow.training.grow")  # the module, not the function
     S2D = importlib.import_module("splitgrow.strategies.s2d")
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 2))
     values = {
         "0": torch.tensor([-100.0, -50, 1, 1, 1, 1], dtype=torch.float64),
         "2": torch.tensor([-0.01, -0.0099, -0.0098, -0.0097, 1, 1], dtype=torch.float64),
@@ -188,12 +188,25 @@ def test_budget_trim_ranks_by_the_selection_in_use(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(S2D, "splitting_eigen", lambda *a, **k: fake)
     params = sum(p.numel() for p in model.parameters())
     batch = [(torch.randn(8, 4), torch.randint(0, 2, (8,)))]
-    cfg = GrowConfig(rounds=2, selection="per-layer", grow_ratio=0.5, eps_mode="fixed",
-                     budget_params=params + 60)  # fmt: skip
     record = {"round": 0, "params": params, "flops": 0, "start_params": params}
     G._split_round(model, cfg, F.cross_entropy, batch, record, torch.Generator().manual_seed(0))
+    return record["split"]
+
+
+def _two_layer_model() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 2))
+
+
+def test_budget_trim_ranks_by_the_selection_in_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With per-layer selection, the neurons dropped to fit the budget are the ones that
+    selection ranks last, not the ones with the largest raw λ."""
+    torch.manual_seed(0)
+    model = _two_layer_model()
+    params = sum(p.numel() for p in model.parameters())
+    cfg = GrowConfig(rounds=2, selection="per-layer", grow_ratio=0.5, eps_mode="fixed",
+                     budget_params=params + 60)  # fmt: skip
     # per-layer scores: layer 0 [-1, -0.5], layer 2 [-1, -0.99, -0.98, -0.97]: 0's second goes
-    assert record["split"] == {"0": 1, "2": 4}
+    assert _two_layer_split_round(monkeypatch, model, cfg) == {"0": 1, "2": 4}
 
 
 def test_final_shrink_mixes_with_a_fresh_init_before_the_last_phase() -> None:
