@@ -94,6 +94,14 @@ def softplus_second_derivative(z: Tensor, beta: float) -> Tensor:
     return beta * s * (1.0 - s)
 
 
+def piecewise_slope(z: Tensor, pw: Piecewise) -> Tensor:
+    """σ'(z) of a piecewise-linear activation (right of a kink only past it), like ``z``."""
+    slope: Tensor | float = pw.slope
+    for t, c in pw.kinks:
+        slope = slope + c * (z > t).to(z.dtype)
+    return slope.expand_as(z) if isinstance(slope, Tensor) else torch.full_like(z, slope)
+
+
 def piecewise_apply(y: Tensor, z: Tensor, pw: Piecewise, beta: float | None) -> Tensor:
     """σ(z) with value ``y`` (computed by the real op), exact slope, surrogate curvature.
 
@@ -106,9 +114,7 @@ def piecewise_apply(y: Tensor, z: Tensor, pw: Piecewise, beta: float | None) -> 
         return y  # no derivative will be taken: the value alone
     z0 = z.detach()
     dz = z - z0
-    slope: Tensor | float = pw.slope
-    for t, c in pw.kinks:
-        slope = slope + c * (z0 > t).to(z0.dtype)
+    slope = piecewise_slope(z0, pw)
     if beta is None:
         return y.detach() + slope * dz
     curvature: Tensor | float = 0.0

@@ -32,6 +32,7 @@ from splitgrow.splitting.activations import (
     MODULE_PIECEWISE,
     Piecewise,
     piecewise_apply,
+    piecewise_slope,
     softplus_second_derivative,
 )
 
@@ -231,6 +232,12 @@ class Executor:
             kwargs = fx.node.map_arg(node.kwargs, lambda a: local[a])
             local[node] = self.run_node(node, args, kwargs)
         return [local[w] for w in wanted]
+
+    def slope(self, node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
+        """σ'(z) of a piecewise-linear activation node at its input ``args[0]`` in closed form,
+        or ``None`` for any other node."""
+        pw = self._piecewise(node, args, kwargs)
+        return None if pw is None else piecewise_slope(args[0].detach(), pw)
 
     def second_derivative(self, node: fx.Node, z: Tensor) -> Tensor:
         """σ''(z) of a pointwise activation node, surrogate included (elementwise)."""

@@ -534,6 +534,10 @@ class ChainProblem(LocalProblem):
         self, node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[Tensor, Tensor]:
         """Value and elementwise derivative of a pointwise step at its (single) chain input."""
+        slope = self.ex.slope(node, args, kwargs)
+        if slope is not None:  # a piecewise-linear activation: no autograd needed
+            with torch.no_grad(), self.ex.first_order():
+                return self.ex.run_node(node, args, kwargs), slope
         with torch.enable_grad(), self.ex.first_order():
             u = args[0].detach().requires_grad_(True)
             out = self.ex.run_node(node, (u, *args[1:]), kwargs)
