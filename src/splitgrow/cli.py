@@ -173,7 +173,7 @@ def _parser() -> argparse.ArgumentParser:
         help="a setting of the strategy (VALUE read as JSON, else as text), e.g. steps=5",
     )  # fmt: skip
     g.add_argument("--directions", default="eigen", choices=["eigen", "random", "net2net", "fresh"])
-    g.add_argument("--selection", default="global", choices=["global", "per-layer", "energy"])
+    g.add_argument("--selection", default="per-layer", choices=["per-layer", "global", "energy"])
     g.add_argument("--eigen-samples", type=_positive_int, default=None)
     g.add_argument("--budget-params", type=_positive_int, default=None)
     g.add_argument("--budget-flops", type=_positive_int, default=None)

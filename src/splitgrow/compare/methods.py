@@ -132,7 +132,7 @@ def val_accuracy(model: nn.Module, s: Setting) -> float:
 
 def _growth(
     s: Setting, lr: float, seed: int, *, method: str = "auto", directions: str = "eigen",
-    counts: list[dict[str, int]] | None = None, strategy: str = "s2d", selection: str = "global",
+    counts: list[dict[str, int]] | None = None, strategy: str = "s2d", selection: str = "per-layer",
 ) -> Outcome:  # fmt: skip
     final = s.epochs - s.rounds * s.epochs_per_round
     cfg = GrowConfig(
