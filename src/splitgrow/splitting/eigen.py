@@ -62,7 +62,8 @@ class SplitEigen:
             statistics kept in memory).
         residual: ``(n,)`` relative residual of the fast route (zeros for exact).
         columns: products S·v each neuron's eigenpairs were found from (the search space's
-            size; ``d`` for exact).
+            size; ``d`` for exact). A wide layer's projected start (``SUBSPACE_START_MIN_D``)
+            is not counted: its cost is about one block's.
     """
 
     values: Tensor
