@@ -91,6 +91,27 @@ def test_auto_picks_by_d(monkeypatch: pytest.MonkeyPatch) -> None:
     assert res["c1"].passes == 1 and res["c1"].columns < 28  # in memory, before all of R^28
 
 
+def test_auto_iterates_in_memory_above_its_d(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Closed-form and chain layers above AUTO_MAX_D_IN_MEMORY take the fast route in memory;
+    when their statistics do not fit, they are computed exactly after all, in a second pass."""
+    model, batches = build("mobile_block")  # c1: chain, d = 28; c2: closed form, d = 5
+    exact = splitgrow.splitting_eigen(model, loss_fn, batches)
+    monkeypatch.setattr(eigen_module, "AUTO_MAX_D_IN_MEMORY", 16)
+    res = splitgrow.splitting_eigen(model, loss_fn, batches, method="auto")
+    assert res["c1"].route == "chain" and res["c1"].method == "fast" and res["c1"].passes == 1
+    assert res["c1"].columns < 28
+    assert _agreement(res["c1"].values, exact["c1"].values) >= 0.95
+    assert res["c2"].method == "exact"
+    res = splitgrow.splitting_eigen(model, loss_fn, batches, method="auto", cache=False)
+    assert {e.method for e in res.values()} == {"exact"}  # without memory: as before
+    monkeypatch.setattr(eigen_module, "CACHE_MAX_BYTES", 1000)
+    res = splitgrow.splitting_eigen(model, loss_fn, batches, method="auto")
+    assert res["c1"].method == "exact" and res["c1"].passes == 2
+    assert res["c2"].method == "exact" and res["c2"].passes == 1
+    for layer, e in exact.items():
+        assert torch.allclose(res[layer].values, e.values, rtol=0, atol=1e-12)
+
+
 def test_auto_takes_the_fast_route_for_wide_units(monkeypatch: pytest.MonkeyPatch) -> None:
     """On the general route exact costs d Hessian-vector products: fast above a smaller d."""
     model, batches = build("functional")  # c3: x·sigmoid(x), the general route, d = 5

@@ -26,6 +26,11 @@ AUTO_MAX_D = 512
 #: where the fast route needs about ``block`` per data pass, only while d is at most this
 AUTO_MAX_D_GENERAL = 64
 AUTO_MAX_BYTES = 1 << 30
+#: ... and on the closed-form and chain routes, only while d is at most this when the fast route
+#: may iterate on statistics kept in memory (``cache`` not ``False``): there it needs far fewer
+#: than d products (MobileNet width 128, d = 129: R 3.3 against exact's 26; at d = 33 the two
+#: are even, ``benchmarks/results/eigen_cost_cpu.md``)
+AUTO_MAX_D_IN_MEMORY = 64
 #: the fast route's vectors per neuron and block: iterating in memory, where a block costs only
 #: its products, or with a data pass per block
 BLOCK_IN_MEMORY, BLOCK_PER_PASS = 1, 4
@@ -148,8 +153,11 @@ def splitting_eigen(
             over all samples: each batch weighs by its size.
         method: ``"exact"`` (full matrices, batched ``eigh``), ``"fast"`` (block subspace
             iteration on Hessian-vector products) or ``"auto"`` (exact while d ≤ 512 and the
-            matrices fit in 1 GiB, and on the general route, where each of the d columns costs a
-            Hessian-vector product, while d ≤ 64; else fast).
+            matrices fit in 1 GiB; on the general route, where each of the d columns costs a
+            Hessian-vector product, and, unless ``cache`` is ``False``, on the closed-form and
+            chain routes, only while d ≤ 64; else fast. A layer that took the fast route only
+            because its statistics could stay in memory is computed exactly after all, in a
+            second data pass, when they turn out not to fit).
         which: ``"min"`` (default), ``"max"`` or ``"both"``.
         layers: names of the layers to compute; default every splittable layer.
         batchnorm: ``"running"`` statistics (default, the published convention) or ``"batch"``
@@ -224,7 +232,7 @@ def splitting_eigen(
         recipes[name] = LayerRecipe(info, module, choose_route(info, module, batchnorm))
     executor = Executor(structure.graph_module, batchnorm, surrogate_beta)
     chosen = {
-        name: _pick_method(method, r.info.n, r.info.d, dtype, r.route.kind)
+        name: _pick_method(method, r.info.n, r.info.d, dtype, r.route.kind, cache is not False)
         for name, r in recipes.items()
     }
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -257,6 +265,18 @@ def splitting_eigen(
         )  # fmt: skip
         if distributed and not sgdist.all_agree(str(kept is not None)):
             kept = None  # every process iterates in memory, or none does
+        late: list[str] = []  # auto's fast layers that counted on memory: exact after all
+        if kept is None and method == "auto":
+            late = [
+                k for k in solvers
+                if _pick_method(
+                    method, recipes[k].info.n, recipes[k].info.d, dtype, recipes[k].route.kind,
+                    False,
+                ) == "exact"
+            ]  # fmt: skip
+            for k in late:
+                chosen[k] = "exact"
+                del solvers[k]
         in_memory = {k: solvers[k] for k in cacheable} if kept is not None else {}
         if kept is not None:
             _iterate_in_memory(kept, in_memory, dtype, samples, max_passes, distributed, device)
@@ -265,6 +285,13 @@ def splitting_eigen(
         for solver in rest.values():  # a data pass per block from here
             solver.set_block(block or BLOCK_PER_PASS)
         passes = 1
+        if late:
+            more, _, _ = _data_pass(
+                executor, recipes, loss_fn, data, device, late, rest, dtype, progress,
+                distributed,
+            )  # fmt: skip
+            matrices.update(more)
+            passes += 1
         while any(not s.converged for s in rest.values()) and passes < max_passes:
             _data_pass(
                 executor, recipes, loss_fn, data, device, [], rest, dtype, progress,
@@ -278,7 +305,7 @@ def splitting_eigen(
         if chosen[name] == "exact":
             pairs = extreme_eigenpairs(matrices[name], which)
             residual = torch.zeros(recipes[name].info.n, dtype=dtype, device=device)
-            used, columns = 1, recipes[name].info.d
+            used, columns = 2 if name in late else 1, recipes[name].info.d
         else:
             pairs = solvers[name].result()
             residual = solvers[name].residual.to(dtype)
@@ -323,10 +350,16 @@ def _first_block(block: int | None, in_memory: bool) -> int:
     return BLOCK_IN_MEMORY if in_memory else BLOCK_PER_PASS
 
 
-def _pick_method(method: str, n: int, d: int, dtype: torch.dtype, route: str) -> str:
+def _pick_method(
+    method: str, n: int, d: int, dtype: torch.dtype, route: str, in_memory: bool
+) -> str:
+    """``method``, or what ``"auto"`` picks for a layer (see :func:`splitting_eigen`);
+    ``in_memory``: whether the fast route may iterate on statistics kept in memory."""
     if method != "auto":
         return method
     if route == "general" and d > AUTO_MAX_D_GENERAL:
+        return "fast"
+    if route in ("closed-form", "chain") and in_memory and d > AUTO_MAX_D_IN_MEMORY:
         return "fast"
     nbytes = n * d * d * torch.empty((), dtype=dtype).element_size()
     return "exact" if d <= AUTO_MAX_D and nbytes <= AUTO_MAX_BYTES else "fast"
