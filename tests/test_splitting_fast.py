@@ -9,6 +9,7 @@ from torch import nn
 
 import splitgrow
 from splitgrow.splitting import eigen as eigen_module
+from splitgrow.splitting import local as local_module
 from splitgrow.splitting import neurons
 from splitgrow.splitting.local import ChainProblem, ClosedFormProblem, LocalProblem
 from splitgrow.splitting.solvers import BlockSubspace
@@ -194,12 +195,15 @@ def test_the_cache_limit_falls_back_to_data_passes(monkeypatch: pytest.MonkeyPat
         assert torch.allclose(limited[layer].values, m.values, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("slice_elements", [1 << 20, 1])
 def test_products_on_kept_statistics_equal_the_exact_matrices(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, slice_elements: int
 ) -> None:
     """Every local problem's S·V (fast route) against its explicit matrices (exact route), on
-    the same batch: mobile_block holds chain and closed-form layers, cnn1d a chain with a max
-    pool."""
+    the same batch: mobile_block holds a chain layer and a closed-form one, cnn1d closed-form
+    layers with a max pool after the activation, mlp closed-form layers. The chain route's
+    products run in slices of samples: the whole batch at once, or one sample per slice."""
+    monkeypatch.setattr(local_module, "_HVP_SLICE_ELEMENTS", slice_elements)
     kept: list[dict[str, LocalProblem]] = []
     original = eigen_module._iterate_in_memory
 
