@@ -345,3 +345,57 @@ def test_pointwise_conv_patches_equal_unfold(stride: int, conv: type, bias: bool
     assert got is not None and torch.equal(got, ref)
     y = module(x)
     assert got.shape[1] == y[0, 0].numel()  # one patch per output position
+
+
+CONV_CASES = [
+    (nn.Conv2d, dict(kernel_size=3, padding=1)),
+    (nn.Conv2d, dict(kernel_size=(3, 2), stride=2, dilation=(1, 2), padding=(1, 0), bias=False)),
+    (nn.Conv2d, dict(kernel_size=1, stride=2)),
+    (nn.Conv1d, dict(kernel_size=5, stride=2, padding=2, dilation=2)),
+    (nn.Conv1d, dict(kernel_size=1, bias=False)),
+    (nn.Conv2d, dict(kernel_size=2, padding="valid")),
+]
+
+
+@pytest.mark.parametrize(("conv", "kwargs"), CONV_CASES)
+def test_patch_operator_equals_its_dense_patches(conv: type, kwargs: dict) -> None:
+    """A convolution's patch operator computes X̃u (a convolution with u as filters) and X̃ᵀy
+    (its filter gradient) as the unfolded patches do, and the patches rebuild the output."""
+    from splitgrow.splitting import neurons
+
+    gen = torch.Generator().manual_seed(0)
+    module = conv(3, 4, **kwargs).double()
+    x = torch.randn(2, 3, *([7, 6] if conv is nn.Conv2d else [11]), generator=gen).double()
+    h = neurons.handler(module)
+    op = h.operator(module, x)
+    assert op is not None
+    dense = op.dense()  # (B, P, d)
+    th = neurons.theta(module)
+    assert dense.shape[-1] == op.d == th.shape[1]
+    # the patches give the layer's output: y_{b,i,p} = θ_i·x̃_{b,p}
+    ref_y = h.to_bnp(module, module(x))
+    torch.testing.assert_close(op.times(th.t()), ref_y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close((dense @ th.t()).transpose(1, 2), ref_y, rtol=1e-12, atol=1e-12)
+    u = torch.randn(op.d, 5, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(op.times(u), (dense @ u).transpose(1, 2), rtol=1e-12, atol=1e-12)
+    y = torch.randn(x.shape[0], 5, dense.shape[1], generator=gen, dtype=torch.float64)
+    flat = dense.reshape(-1, op.d)
+    expected = flat.t() @ y.transpose(1, 2).reshape(-1, 5)
+    torch.testing.assert_close(op.t_times(y), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_linear_patch_operator_on_sequences() -> None:
+    from splitgrow.splitting import neurons
+
+    gen = torch.Generator().manual_seed(0)
+    module = nn.Linear(6, 4).double()
+    x = torch.randn(3, 5, 6, generator=gen, dtype=torch.float64)  # (B, T, F): positions T
+    h = neurons.handler(module)
+    op = h.operator(module, x)
+    assert op is not None
+    torch.testing.assert_close(
+        op.times(neurons.theta(module).t()), h.to_bnp(module, module(x)), rtol=1e-12, atol=1e-12
+    )
+    y = torch.randn(3, 2, 5, generator=gen, dtype=torch.float64)
+    expected = torch.einsum("bpd,bkp->dk", op.dense(), y)
+    torch.testing.assert_close(op.t_times(y), expected, rtol=1e-12, atol=1e-12)

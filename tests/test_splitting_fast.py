@@ -235,7 +235,7 @@ def test_products_on_kept_statistics_equal_the_exact_matrices(
                 assert torch.allclose(problem.projected(u), ref, rtol=1e-9, atol=1e-12)
                 gram_u = problem.inputs_gram_times(u)
                 if isinstance(problem, ClosedFormProblem):
-                    x = problem.x
+                    x = problem.x.dense().reshape(-1, d)
                 else:
                     assert isinstance(problem, ChainProblem)
                     patches = neurons.handler(problem.module).patches(problem.module, problem.x)
@@ -243,6 +243,15 @@ def test_products_on_kept_statistics_equal_the_exact_matrices(
                     x = patches.reshape(-1, d)
                 assert gram_u is not None
                 assert torch.allclose(gram_u, x.t() @ x @ u, rtol=1e-9, atol=1e-12)
+                # the cache's size counts what the problem holds, patches and slices included
+                held = [problem.x.x, problem.w] if isinstance(problem, ClosedFormProblem) else []
+                if isinstance(problem, ChainProblem):
+                    assert problem._state is not None  # the products above computed it
+                    held = [problem.x, *problem._state[0].weights]
+                nbytes = {
+                    t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held
+                }
+                assert eigen_module._footprint(problem, set()) >= sum(nbytes.values()) > 0
     assert {"ChainProblem", "ClosedFormProblem"} <= kinds
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, is_dataclass
 from typing import Any
 
 import torch
@@ -392,6 +392,7 @@ def _data_pass(
     taps: list[fx.Node] = [t for r in wanted for t in r.taps()]
     edge_taps = [t for r in wanted for t in r.edge_taps()]
     keep = [k for r in wanted for k in r.keep()]
+    reads = [{*r.keep(), *r.taps(), *r.edge_taps()} for r in wanted]  # what each layer reads
     sums: dict[str, Tensor] = {}
     total = 0
     kept_problems: list[tuple[dict[str, LocalProblem], int]] | None = [] if keep_layers else None
@@ -403,7 +404,7 @@ def _data_pass(
         inputs, target, size = _prepare_batch(batch, index, device)
         # the taps' gradients are first derivatives: the surrogate's curvature is not needed
         with torch.enable_grad(), executor.first_order():
-            output, kept, leaves = executor.forward(
+            output, kept, tapped = executor.forward(
                 inputs, taps=taps, edge_taps=edge_taps, keep=keep
             )
             loss = loss_fn(output, target)
@@ -412,33 +413,36 @@ def _data_pass(
             if not bool(torch.isfinite(loss)):
                 value = float(loss.detach())
                 raise ValueError(f"the loss of batch {index} is not finite ({value})")
-            nodes = list(leaves)  # none when every layer's chain is free of curvature
-            grads = (
-                torch.autograd.grad(loss, [leaves[n] for n in nodes], allow_unused=True)
-                if nodes
-                else ()
-            )
-        grad_by_node = {
-            n: torch.zeros_like(leaves[n]) if g is None else g.detach()
-            for n, g in zip(nodes, grads, strict=True)
-        }
-        problems: dict[str, LocalProblem] = {
-            r.info.name: r.problem(executor, kept, grad_by_node) for r in wanted
-        }
-        for name in exact_names:
-            contrib = problems[name].matrices() * size
+            # none when every layer's chain is free of curvature
+            grad_by_node = {n: g.detach() for n, g in tapped.gradients(loss).items()}
+        del output, loss, tapped
+        # one layer at a time, dropping the values and gradients no later layer reads: the
+        # batch's raw statistics give way to the (smaller) local problems as they are built
+        batch_kept: dict[str, LocalProblem] = {}
+        for i, recipe in enumerate(wanted):
+            name = recipe.info.name
+            problem = recipe.problem(executor, kept, grad_by_node)
+            for node in reads[i]:
+                if all(node not in later for later in reads[i + 1 :]):
+                    kept.pop(node, None)
+                    grad_by_node.pop(node, None)
+            if name in active:
+                v = active[name].pending.to(dtype)
+                contrib = problem.hvp(v).to(torch.float64) * size
+            else:
+                contrib = problem.matrices() * size
             sums[name] = contrib if name not in sums else sums[name] + contrib
-        for name, solver in active.items():
-            v = solver.pending.to(dtype)
-            contrib = problems[name].hvp(v).to(torch.float64) * size
-            sums[name] = contrib if name not in sums else sums[name] + contrib
+            if name in keep_layers:
+                batch_kept[name] = problem
+            del problem, contrib
+        del kept, grad_by_node
         total += size
         if kept_problems is not None:
-            kept_problems.append(({k: problems[k] for k in keep_layers}, size))
-            footprint += sum(_footprint(p, seen) for p in kept_problems[-1][0].values())
+            kept_problems.append((batch_kept, size))
+            footprint += sum(_footprint(p, seen) for p in batch_kept.values())
             if footprint > limit:
                 kept_problems, seen = None, set()
-        del problems, kept, leaves, grads, grad_by_node
+        del batch_kept
     if distributed:
         total = sgdist.sum_statistics(sums, total, device)
     if total == 0:
@@ -461,8 +465,8 @@ def _footprint(obj: object, seen: set[int]) -> int:
         return sum(_footprint(o, seen) for o in obj)
     if isinstance(obj, dict):
         return sum(_footprint(o, seen) for o in obj.values())
-    if isinstance(obj, LocalProblem):
-        return sum(_footprint(o, seen) for o in vars(obj).values())
+    if isinstance(obj, LocalProblem) or (is_dataclass(obj) and not isinstance(obj, type)):
+        return sum(_footprint(o, seen) for o in vars(obj).values())  # also patches, slices
     return 0
 
 

@@ -9,8 +9,10 @@ The executor walks the ``torch.fx`` graph node by node and substitutes, wherever
   (``activations.piecewise_apply``);
 * in-place activations: their out-of-place versions, so that recorded tensors stay valid.
 
-It can add *taps* — zero leaves requiring grad — to chosen values, so that one ``autograd.grad``
-call returns ∂L/∂(value) for each of them, whatever the ``requires_grad`` flags of the model.
+It can add *taps* to chosen values: identity steps that record the gradient passing through them,
+so that one backward pass returns ∂L/∂(value) for each of them, whatever the ``requires_grad``
+flags of the model (:class:`Taps`). A tap neither copies its value nor allocates a leaf of its
+size.
 """
 
 from __future__ import annotations
@@ -42,6 +44,52 @@ _DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.alpha_dropout}
 # functions whose ``inplace`` flag may be passed positionally: position of that argument
 _INPLACE_POSITION = {F.relu: 1, F.relu6: 1, F.selu: 1, F.leaky_relu: 2, F.elu: 2, F.celu: 2}
 _INPLACE_POSITION[F.hardtanh] = 3
+
+
+class _Tap(torch.autograd.Function):
+    """The identity on ``value`` that records the gradient reaching it in ``store[key]``.
+    ``anchor``, a scalar leaf requiring grad, makes every tap part of the graph that a backward
+    pass to it runs through, whatever the model's ``requires_grad`` flags."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, value: Tensor, anchor: Tensor, store: dict[Any, Tensor], key: Any
+    ) -> Tensor:
+        ctx.store, ctx.key = store, key
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
+        store, key = ctx.store, ctx.key
+        store[key] = grad if key not in store else store[key] + grad
+        return (grad if ctx.needs_input_grad[0] else None), None, None, None
+
+
+class Taps:
+    """The taps of one :meth:`Executor.forward`: :meth:`gradients` runs the backward pass."""
+
+    def __init__(self) -> None:
+        self.anchor = torch.zeros((), requires_grad=True)
+        self.store: dict[fx.Node, Tensor] = {}
+        self.like: dict[fx.Node, tuple[torch.Size, torch.dtype, torch.device]] = {}
+
+    def __len__(self) -> int:
+        return len(self.like)
+
+    def add(self, key: fx.Node, value: Tensor) -> Tensor:
+        self.like[key] = (value.shape, value.dtype, value.device)
+        out: Tensor = _Tap.apply(value, self.anchor, self.store, key)
+        return out
+
+    def gradients(self, loss: Tensor) -> dict[fx.Node, Tensor]:
+        """∂loss/∂(value) at every tap (zeros where the loss does not depend on it)."""
+        if self.like:
+            torch.autograd.grad(loss, self.anchor, allow_unused=True)
+        out = {}
+        for key, (shape, dtype, device) in self.like.items():
+            g = self.store.pop(key, None)
+            out[key] = torch.zeros(shape, dtype=dtype, device=device) if g is None else g
+        return out
 
 
 class Executor:
@@ -77,7 +125,9 @@ class Executor:
     @contextlib.contextmanager
     def first_order(self) -> Iterator[None]:
         """Within this block values and first derivatives are exact but the surrogate's
-        curvature is left out (it only matters to second derivatives): cheaper."""
+        curvature is left out (it only matters to second derivatives): cheaper. Piecewise-linear
+        activations are then the ops themselves where their own backward is exact (it may
+        differ from :func:`~splitgrow.splitting.activations.piecewise_slope` only at a kink)."""
         previous, self._curvature = self._curvature, False
         try:
             yield
@@ -97,7 +147,7 @@ class Executor:
                 name = name[:-1]  # in-place method: use its out-of-place twin
             y = getattr(obj, name)(*rest, **kwargs)
             if name in METHOD_PIECEWISE:
-                y = piecewise_apply(y, obj, METHOD_PIECEWISE[name](args, kwargs), self._beta())
+                y = self._apply(y, obj, METHOD_PIECEWISE[name](args, kwargs))
             return y
         if node.op == "get_attr":
             value: Any = self.gm
@@ -120,7 +170,15 @@ class Executor:
             m = self._out_of_place[name]
         y = m(*args, **kwargs)
         pw = self._module_piecewise(m, args[0])
-        return y if pw is None else piecewise_apply(y, args[0], pw, self._beta())
+        return y if pw is None else self._apply(y, args[0], pw)
+
+    def _apply(self, y: Tensor, z: Tensor, pw: Piecewise) -> Tensor:
+        """A piecewise-linear activation's value ``y`` at ``z``, with exact slope and the
+        surrogate's curvature; within :meth:`first_order` the op itself where its own backward
+        is exact (no copies of z for the linearisation)."""
+        if not self._curvature and pw.exact_backward:
+            return y
+        return piecewise_apply(y, z, pw, self._beta())
 
     def _module_piecewise(self, m: nn.Module, z: Tensor) -> Piecewise | None:
         if isinstance(m, nn.PReLU):  # slope a left of 0, kink weight 1 − a (per channel)
@@ -159,7 +217,7 @@ class Executor:
             args = (*args[:pos], False, *args[pos + 1 :])
         y = fn(*args, **kwargs)
         if fn in FUNCTION_PIECEWISE:
-            y = piecewise_apply(y, args[0], FUNCTION_PIECEWISE[fn](args, kwargs), self._beta())
+            y = self._apply(y, args[0], FUNCTION_PIECEWISE[fn](args, kwargs))
         return y
 
     def batch_norm(self, m: _BatchNorm, x: Tensor) -> Tensor:
@@ -176,23 +234,24 @@ class Executor:
         taps: Iterable[fx.Node] = (),
         edge_taps: Iterable[fx.Node] = (),
         keep: Iterable[fx.Node] = (),
-    ) -> tuple[Any, dict[fx.Node, Any], dict[fx.Node, Tensor]]:
+    ) -> tuple[Any, dict[fx.Node, Any], Taps]:
         """Run the whole model.
 
         Args:
             inputs: the model's positional inputs.
-            taps: nodes whose output gets a zero leaf added (its grad is ∂L/∂output).
-            edge_taps: consumer nodes whose first argument gets a zero leaf added (its grad is the
+            taps: nodes whose output gets a tap (its gradient is ∂L/∂output).
+            edge_taps: consumer nodes whose first argument gets a tap (its gradient is the
                 gradient reaching the consumer through that edge only).
             keep: nodes whose values are returned.
 
         Returns:
-            ``(output, kept values, leaves by node)``.
+            ``(output, kept values, taps)``; ``taps.gradients(loss)`` gives the gradients by
+            node (call it while grad mode is on, before the graph is freed).
         """
         taps, edge_taps, keep = set(taps), set(edge_taps), set(keep)
         env: dict[fx.Node, Any] = {}
         kept: dict[fx.Node, Any] = {}
-        leaves: dict[fx.Node, Tensor] = {}
+        leaves = Taps()
         placeholders = iter(inputs)
         output: Any = None
         for i, node in enumerate(self.nodes):
@@ -206,14 +265,10 @@ class Executor:
                 args = fx.node.map_arg(node.args, lambda a: env[a])
                 kwargs = fx.node.map_arg(node.kwargs, lambda a: env[a])
                 if node in edge_taps:
-                    leaf = torch.zeros_like(args[0], requires_grad=True)
-                    leaves[node] = leaf
-                    args = (args[0] + leaf, *args[1:])
+                    args = (leaves.add(node, args[0]), *args[1:])
                 value = self.run_node(node, args, kwargs)
             if node in taps:
-                leaf = torch.zeros_like(value, requires_grad=True)
-                leaves[node] = leaf
-                value = value + leaf
+                value = leaves.add(node, value)
             env[node] = value
             if node in keep:
                 kept[node] = value
@@ -244,13 +299,15 @@ class Executor:
         args = (z, *fx.node.map_arg(node.args[1:], lambda a: a))
         pw = self._piecewise(node, args, dict(node.kwargs))
         if pw is not None:  # closed form: the surrogate's curvature at the kinks, or zero
-            out = torch.zeros_like(z)
             beta = self._beta()
-            if beta is None:
-                return out
+            out: Tensor | None = None
             for t, c in pw.kinks:
-                out = out + c * softplus_second_derivative(z.detach() - t, beta)
-            return out
+                if beta is None:
+                    break
+                term = softplus_second_derivative(z.detach() - t, beta)
+                term = term if isinstance(c, float) and c == 1.0 else term.mul_(c)
+                out = term if out is None else out.add_(term)
+            return torch.zeros_like(z) if out is None else out
         with torch.enable_grad():
             z = z.detach().requires_grad_(True)
             args = (z, *args[1:])
@@ -262,4 +319,4 @@ class Executor:
         return torch.zeros_like(z) if d2 is None else d2
 
 
-__all__ = ["BATCHNORM_MODES", "Executor"]
+__all__ = ["BATCHNORM_MODES", "Executor", "Taps"]

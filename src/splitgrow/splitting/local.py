@@ -44,7 +44,7 @@ from splitgrow.graph.ops import Layout, StepKind, first_input
 from splitgrow.splitting import neurons
 from splitgrow.splitting.executor import Executor
 
-_CHUNK_ELEMENTS = 1 << 24  # bound on the elements of each chunk's temporaries (tangents, features)
+_CHUNK_ELEMENTS = 1 << 21  # bound on the elements of each chunk's temporaries (tangents, features)
 _HVP_SLICE_ELEMENTS = 1 << 20  # a slice's elements of the layer output, for S·v
 HVP_CHUNK = 32  # Hessian-vector products of the general route batched in one backward pass
 
@@ -175,15 +175,12 @@ class LayerRecipe:
             z = kept[first_input(sigma)].detach()
             y = kept[info.node].detach()
             scale = _affine_scale(ex, self.route.prefix, info.node, y)
-            weights = grads[sigma] * ex.second_derivative(sigma, z) * scale.square()
+            # w = g·σ''(z)·c², in place in the fresh σ''(z) (large: one value per output)
+            weights = ex.second_derivative(sigma, z).mul_(grads[sigma]).mul_(scale.square())
             handler = neurons.handler(self.module)
-            patches = handler.patches(self.module, x)
+            patches = handler.operator(self.module, x)
             assert patches is not None
-            return ClosedFormProblem(
-                patches.reshape(-1, th.shape[1]),
-                handler.to_bnp(self.module, weights).transpose(0, 1).reshape(th.shape[0], -1),
-                th,
-            )
+            return ClosedFormProblem(patches, handler.to_bnp(self.module, weights), th)
         chain_nodes = [c.node for c in info.chain]
         if self.route.kind == "chain":
             acts = self.activations()
@@ -295,26 +292,32 @@ def weighted_grams(x: Tensor, w: Tensor) -> Tensor:
 
 
 class ClosedFormProblem(LocalProblem):
-    """S_i = Σ_p w_{i,p} x̃_p x̃_pᵀ with x̃ ``(B·P, d)`` patches and w ``(n, B·P)`` weights."""
+    """S_i = Σ_p w_{i,p} x̃_p x̃_pᵀ with patches X̃ ``(B·P, d)`` (an operator: a convolution's are
+    never unfolded to compute S·v) and w ``(B, n, P)`` weights."""
 
-    def __init__(self, patches: Tensor, weights: Tensor, like: Tensor) -> None:
+    def __init__(self, patches: neurons.Patches, weights: Tensor, like: Tensor) -> None:
         self.x, self.w = patches, weights
         self.n, self.d = like.shape
 
+    def _flat_weights(self) -> Tensor:
+        return self.w.transpose(0, 1).reshape(self.n, -1)  # (n, B·P)
+
     def matrices(self) -> Tensor:
-        return weighted_grams(self.x, self.w)
+        return weighted_grams(self.x.dense().reshape(-1, self.d), self._flat_weights())
 
     def hvp(self, v: Tensor) -> Tensor:
         n, d, m = v.shape
-        xv = (self.x @ v.permute(1, 0, 2).reshape(d, n * m)).view(-1, n, m)  # (B·P, n, m)
-        xv = xv * self.w.t().unsqueeze(-1)
-        return (self.x.t() @ xv.reshape(-1, n * m)).view(d, n, m).permute(1, 0, 2)
+        xv = self.x.times(v.permute(1, 0, 2).reshape(d, n * m))  # (B, n·m, P)
+        b, _, p = xv.shape
+        xv = xv.view(b, n, m, p) * self.w.unsqueeze(2)
+        return self.x.t_times(xv.view(b, n * m, p)).view(d, n, m).permute(1, 0, 2)
 
     def projected(self, u: Tensor) -> Tensor:
-        return weighted_grams(self.x @ u, self.w)
+        xu = self.x.times(u).transpose(1, 2).reshape(-1, u.shape[1])  # (B·P, k)
+        return weighted_grams(xu, self._flat_weights())
 
     def inputs_gram_times(self, u: Tensor) -> Tensor:
-        return self.x.t() @ (self.x @ u)
+        return self.x.t_times(self.x.times(u))
 
 
 class GeneralProblem(LocalProblem):
@@ -617,8 +620,8 @@ class ChainProblem(LocalProblem):
             return t.reshape(k, *y.shape[:-1], 1).expand(k, *y.shape)
         return t.reshape(k, y.shape[0], 1, *y.shape[2:]).expand(k, *y.shape)
 
-    def _patches(self, x: Tensor) -> Tensor | None:
-        return neurons.handler(self.module).patches(self.module, x)  # (B, P, d) or None
+    def _patches(self, x: Tensor) -> neurons.Patches | None:
+        return neurons.handler(self.module).operator(self.module, x)
 
     def projected(self, u: Tensor) -> Tensor:
         return self.matrices(u)
@@ -631,8 +634,7 @@ class ChainProblem(LocalProblem):
             patches = self._patches(self.x[s : s + step])
             if patches is None:
                 return None
-            flat = patches.reshape(-1, self.d)
-            out += flat.t() @ (flat @ u)
+            out += patches.t_times(patches.times(u))
         return out
 
     @torch.no_grad()
@@ -646,9 +648,10 @@ class ChainProblem(LocalProblem):
         for s in range(0, self.y.shape[0], step):
             rows = slice(s, s + step)
             x, y = self.x[rows], self.y[rows]
-            patches = self._patches(x)  # (B, P, d)
-            if patches is not None and u is not None:
-                patches = patches @ u  # (B, P, k)
+            op = self._patches(x)
+            patches = None  # X̃ (B, P, d), or X̃u (B, P, k)
+            if op is not None:
+                patches = op.dense() if u is None else op.times(u).transpose(1, 2)
             basis = self._basis_tangents(x, y, patches, u)
             us, tangents = self._push(y, basis)
             layouts = [layout for _, layout, _ in self.acts]

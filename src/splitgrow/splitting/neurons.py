@@ -7,12 +7,15 @@ has one. Each handler gives:
 * ``forward(module, x, theta)``: the layer's output with parameters ``theta``;
 * ``patches(module, x)``: the input each neuron sees at every output position, ``(B, P, d)``
   (bias column included), or ``None`` when not available (the closed form is then not used);
+* ``operator(module, x)``: the same patches X̃ as a :class:`Patches` operator, which multiplies by
+  X̃ and X̃ᵀ without forming X̃ (a convolution's unfolded patches are k× its input), or ``None``;
 * ``to_bnp(module, y)``: a per-output tensor shaped like the layer output, as ``(B, n, P)`` with
   positions in the same order as ``patches``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -26,10 +29,34 @@ from splitgrow._attrs import attr, optional_tensor, tensor
 from splitgrow.graph.analyze import LayerInfo
 
 
+class Patches(Protocol):
+    """A batch's input patches X̃ ``(B·P, d)`` as an operator; products keep the ``(B, k, P)``
+    layout of the layer's output (samples, columns, positions)."""
+
+    @property
+    def d(self) -> int:
+        """The patch length: a neuron's parameter count."""
+        ...
+
+    def times(self, u: Tensor) -> Tensor:
+        """X̃u for ``u`` ``(d, k)``, as ``(B, k, P)``."""
+        ...
+
+    def t_times(self, y: Tensor) -> Tensor:
+        """X̃ᵀy for ``y`` ``(B, k, P)``, as ``(d, k)``."""
+        ...
+
+    def dense(self) -> Tensor:
+        """X̃ itself, ``(B, P, d)``."""
+        ...
+
+
 class NeuronHandler(Protocol):
     def has_patches(self, module: nn.Module) -> bool: ...
 
     def patches(self, module: nn.Module, x: Tensor) -> Tensor | None: ...
+
+    def operator(self, module: nn.Module, x: Tensor) -> Patches | None: ...
 
     def to_bnp(self, module: nn.Module, y: Tensor) -> Tensor: ...
 
@@ -70,6 +97,102 @@ def _with_bias(module: nn.Module, cols: Tensor) -> Tensor:
     return torch.cat([cols, cols.new_ones(*cols.shape[:-1], 1)], dim=-1)
 
 
+@dataclass
+class DensePatches:
+    """Patches held as the tensor ``x`` ``(B, P, d)``."""
+
+    x: Tensor
+
+    @property
+    def d(self) -> int:
+        return self.x.shape[-1]
+
+    def times(self, u: Tensor) -> Tensor:
+        return (self.x @ u).transpose(1, 2)
+
+    def t_times(self, y: Tensor) -> Tensor:
+        return self.x.reshape(-1, self.d).t() @ y.transpose(1, 2).reshape(-1, y.shape[1])
+
+    def dense(self) -> Tensor:
+        return self.x
+
+
+@dataclass
+class ConvPatches:
+    """A convolution's patches, kept as its input ``x`` ``(B, C, *spatial)``: X̃u is the
+    convolution of x with the k columns of u as filters (bias row as their biases), and X̃ᵀy
+    the gradient of such a convolution in its filters. Both cost what the layer's forward pass
+    costs for k output channels, and nothing is unfolded."""
+
+    x: Tensor
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    bias: bool
+
+    @property
+    def d(self) -> int:
+        return self.x.shape[1] * math.prod(self.kernel) + int(self.bias)
+
+    def _conv_args(self) -> tuple[list[int], list[int], list[int], bool, list[int], int]:
+        zeros = [0] * len(self.kernel)
+        return list(self.stride), list(self.padding), list(self.dilation), False, zeros, 1
+
+    def times(self, u: Tensor) -> Tensor:
+        k, ck = u.shape[1], self.d - int(self.bias)
+        filters = u[:ck].t().reshape(k, self.x.shape[1], *self.kernel)
+        bias = u[ck].contiguous() if self.bias else None
+        y = torch.ops.aten.convolution(self.x, filters, bias, *self._conv_args())
+        return y.reshape(y.shape[0], k, -1)
+
+    def t_times(self, y: Tensor) -> Tensor:
+        k = y.shape[1]
+        size = [
+            (n + 2 * p - q * (kk - 1) - 1) // s + 1
+            for n, kk, s, p, q in zip(
+                self.x.shape[2:], self.kernel, self.stride, self.padding, self.dilation,
+                strict=True,
+            )
+        ]  # fmt: skip
+        shape = (k, self.x.shape[1], *self.kernel)
+        g = torch.ops.aten.convolution_backward(
+            y.reshape(y.shape[0], k, *size),
+            self.x,
+            y.new_empty(1).expand(shape),
+            None,
+            *self._conv_args(),
+            (False, True, False),
+        )[1]
+        g = g.reshape(k, -1).t()
+        if self.bias:
+            g = torch.cat([g, y.sum((0, 2))[None]])
+        return g
+
+    def dense(self) -> Tensor:
+        kernel, dilation, stride, padding = self.kernel, self.dilation, self.stride, self.padding
+        x = self.x
+        if x.dim() == 3:  # Conv1d: as a Conv2d with a trailing unit dimension
+            x = x.unsqueeze(-1)
+            kernel, dilation, stride, padding = (
+                (kernel[0], 1),
+                (dilation[0], 1),
+                (stride[0], 1),
+                (padding[0], 0),
+            )
+        if all(k == 1 for k in kernel) and all(q == 0 for q in padding):
+            # a pointwise convolution: the patches are the (strided) pixels, no unfold needed
+            x = x[(slice(None), slice(None), *(slice(None, None, st) for st in stride))]
+            cols = x.reshape(x.shape[0], x.shape[1], -1).transpose(1, 2)
+        else:
+            cols = F.unfold(
+                x, kernel_size=kernel, dilation=dilation, padding=padding, stride=stride
+            ).transpose(1, 2)  # (B, P, C·k…)
+        if not self.bias:
+            return cols
+        return torch.cat([cols, cols.new_ones(*cols.shape[:-1], 1)], dim=-1)
+
+
 @dataclass(frozen=True)
 class LinearHandler:
     """``nn.Linear`` on inputs ``(B, *, F)``: positions are the middle dimensions."""
@@ -79,6 +202,9 @@ class LinearHandler:
 
     def patches(self, module: nn.Module, x: Tensor) -> Tensor:
         return _with_bias(module, x.reshape(x.shape[0], -1, x.shape[-1]))
+
+    def operator(self, module: nn.Module, x: Tensor) -> Patches:
+        return DensePatches(self.patches(module, x))
 
     def to_bnp(self, module: nn.Module, y: Tensor) -> Tensor:
         return y.reshape(y.shape[0], -1, y.shape[-1]).transpose(1, 2)
@@ -95,28 +221,24 @@ class ConvHandler:
     def has_patches(self, module: nn.Module) -> bool:
         return bool(attr(module, "padding_mode") == "zeros" and attr(module, "padding") != "same")
 
-    def patches(self, module: nn.Module, x: Tensor) -> Tensor | None:
+    def operator(self, module: nn.Module, x: Tensor) -> Patches | None:
         if not self.has_patches(module):
             return None
         pad_attr = attr(module, "padding")
         kernel: tuple[int, ...] = tuple(attr(module, "kernel_size"))
-        dilation: tuple[int, ...] = tuple(attr(module, "dilation"))
-        stride: tuple[int, ...] = tuple(attr(module, "stride"))
         padding: tuple[int, ...] = (0,) * len(kernel) if pad_attr == "valid" else tuple(pad_attr)
-        if all(k == 1 for k in kernel) and all(q == 0 for q in padding):
-            # a pointwise convolution: the patches are the (strided) pixels, no unfold needed
-            x = x[(slice(None), slice(None), *(slice(None, None, st) for st in stride))]
-            return _with_bias(module, x.reshape(x.shape[0], x.shape[1], -1).transpose(1, 2))
-        if isinstance(module, nn.Conv1d):  # as a Conv2d with a trailing unit dimension
-            x = x.unsqueeze(-1)
-            kernel, dilation, stride, padding = (
-                (kernel[0], 1),
-                (dilation[0], 1),
-                (stride[0], 1),
-                (padding[0], 0),
-            )
-        cols = F.unfold(x, kernel_size=kernel, dilation=dilation, padding=padding, stride=stride)
-        return _with_bias(module, cols.transpose(1, 2))  # (B, P, C·k…)
+        return ConvPatches(
+            x,
+            kernel,
+            tuple(attr(module, "stride")),
+            padding,
+            tuple(attr(module, "dilation")),
+            optional_tensor(module, "bias") is not None,
+        )
+
+    def patches(self, module: nn.Module, x: Tensor) -> Tensor | None:
+        op = self.operator(module, x)
+        return None if op is None else op.dense()
 
     def to_bnp(self, module: nn.Module, y: Tensor) -> Tensor:
         return y.reshape(y.shape[0], y.shape[1], -1)
