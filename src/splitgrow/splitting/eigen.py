@@ -41,7 +41,7 @@ CACHE_MAX_BYTES = 2 << 30
 #: routes) with d at least this, the fast route starts from the problem projected on the top
 #: ``SUBSPACE_START_COLUMNS`` principal directions of x̃ (randomised range finder)
 SUBSPACE_START_MIN_D = 256
-SUBSPACE_START_COLUMNS = 64
+SUBSPACE_START_COLUMNS = 32  # uᵀS_iu costs n·k²·B·P: 64 columns cost more than they saved
 #: ``method="exact"`` refuses a layer whose n matrices of d×d would take more than this
 EXACT_MAX_BYTES = 8 << 30
 
