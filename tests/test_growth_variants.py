@@ -209,6 +209,20 @@ def test_budget_trim_ranks_by_the_selection_in_use(monkeypatch: pytest.MonkeyPat
     assert _two_layer_split_round(monkeypatch, model, cfg) == {"0": 1, "2": 4}
 
 
+def test_energy_selection_weighs_per_layer_normalised_values(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The knapsack maximises Σ −λ in units of each layer's most negative λ: layer 0's
+    neurons cost 11 parameters and score 1, 0.5; layer 2's cost 9 and score 1, 0.99, 0.98, 0.97
+    (raw λ would take both of layer 0's, worth 100 and 50). Within 41 parameters the best plan
+    is one of layer 0 and three of layer 2 (11 + 27, plus 3 weights between the new neurons)."""
+    torch.manual_seed(0)
+    model = _two_layer_model()
+    cfg = GrowConfig(rounds=2, selection="energy", grow_ratio=0.5, eps_mode="fixed",
+                     round_budget_params=41)  # fmt: skip
+    assert _two_layer_split_round(monkeypatch, model, cfg) == {"0": 1, "2": 3}
+
+
 def test_final_shrink_mixes_with_a_fresh_init_before_the_last_phase() -> None:
     import importlib
 

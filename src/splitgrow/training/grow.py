@@ -94,7 +94,8 @@ class GrowConfig:
     # one, so layers whose curvature is on a smaller scale are not starved; +1.3 points on the
     # digits CNN and +0.9 on the MNIST-1D MLP against "global", benchmarks/s2d_ablation.py),
     # "global" (raw values across layers, the published rule) or "energy" (the plan of least
-    # Σ λ_i within the round's parameter and FLOPs budgets, an exact 0/1 knapsack; needs a budget)
+    # Σ λ_i, per-layer normalised, within the round's parameter and FLOPs budgets, an exact 0/1
+    # knapsack; needs a budget)
     selection: str = "per-layer"
     # grow geometrically to budget_params by the last round: round r (of R) adds at most
     # P₀·(B/P₀)^((r+1)/R) − P parameters (P₀: the starting size), so growth spreads over the rounds
@@ -833,7 +834,7 @@ def _select(
         start = float(record["start_params"])
         target = start * (cfg.budget_params / start) ** ((record["round"] + 1) / cfg.rounds)
         budget = min(budget, max(0, int(target) - params))
-    if cfg.selection == "per-layer":  # each layer's λ in units of its own most negative one
+    if cfg.selection in ("per-layer", "energy"):  # each layer's λ in units of its most negative
         values = {k: v / v.min().abs().clamp_min(1e-30) for k, v in values.items()}
     flop_budget: int | None = None  # FLOPs this round may add (selection "energy" only)
     rates: dict[str, float] = {}
