@@ -69,21 +69,20 @@ class Taps:
     """The taps of one :meth:`Executor.forward`: :meth:`gradients` runs the backward pass."""
 
     def __init__(self) -> None:
-        self.anchor = torch.zeros((), requires_grad=True)
+        self.anchor: Tensor | None = None  # made at the first tap, on its device
         self.store: dict[fx.Node, Tensor] = {}
         self.like: dict[fx.Node, tuple[torch.Size, torch.dtype, torch.device]] = {}
 
-    def __len__(self) -> int:
-        return len(self.like)
-
     def add(self, key: fx.Node, value: Tensor) -> Tensor:
         self.like[key] = (value.shape, value.dtype, value.device)
+        if self.anchor is None:
+            self.anchor = torch.zeros((), device=value.device, requires_grad=True)
         out: Tensor = _Tap.apply(value, self.anchor, self.store, key)
         return out
 
     def gradients(self, loss: Tensor) -> dict[fx.Node, Tensor]:
         """∂loss/∂(value) at every tap (zeros where the loss does not depend on it)."""
-        if self.like:
+        if self.anchor is not None:
             torch.autograd.grad(loss, self.anchor, allow_unused=True)
         out = {}
         for key, (shape, dtype, device) in self.like.items():
