@@ -399,3 +399,45 @@ def test_linear_patch_operator_on_sequences() -> None:
     y = torch.randn(3, 2, 5, generator=gen, dtype=torch.float64)
     expected = torch.einsum("bpd,bkp->dk", op.dense(), y)
     torch.testing.assert_close(op.t_times(y), expected, rtol=1e-12, atol=1e-12)
+
+
+class _KinkNet(nn.Module):
+    """Integer weights and inputs: the second activation's inputs hit its kinks exactly."""
+
+    def __init__(self, act: nn.Module) -> None:
+        super().__init__()
+        self.f0, self.f1, self.f2 = nn.Linear(2, 3), nn.Linear(3, 3), nn.Linear(3, 3)
+        self.a0, self.act = nn.ReLU(), act
+        with torch.no_grad():
+            self.f0.weight.copy_(torch.tensor([[1.0, 1], [2, 1], [1, 0]]))
+            self.f0.bias.fill_(0.0)
+            self.f1.weight.copy_(torch.tensor([[1.0, 1, 0], [0, 1, 1], [1, 0, 1]]))
+            self.f1.bias.fill_(-1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.f2(torch.tanh(self.act(self.f1(self.a0(self.f0(x))))))
+
+
+@pytest.mark.parametrize(
+    "act",
+    [nn.ReLU(), nn.ReLU6(), nn.LeakyReLU(0.1), nn.Hardtanh(0.0, 6.0), nn.Hardtanh(-1.0, 2.0)],
+    ids=["relu", "relu6", "leaky", "hardtanh-0-6", "hardtanh--1-2"],
+)
+def test_gradients_at_exact_kinks_follow_the_surrogate_convention(act: nn.Module) -> None:
+    """Activation inputs exactly at a kink (integer data): the splitting matrices of f0 take the
+    slope convention of the brute force (right of a kink only past it), which PyTorch's own
+    hardtanh/ReLU6 backward does not follow at the upper kink."""
+    torch.manual_seed(0)
+    model = _KinkNet(act).double().eval()
+    x = torch.tensor([[1.0, 1], [2, 0], [0, 0], [3, 1], [1, -1], [1, 3]]).double()
+    with torch.no_grad():
+        pre = {float(v) for v in model.f1(model.a0(model.f0(x))).flatten()}
+    if isinstance(act, nn.Hardtanh):  # ReLU6 too
+        assert {act.min_val, act.max_val} <= pre
+    else:
+        assert 0.0 in pre
+    data = [(x, torch.tensor([0, 1, 2, 0, 1, 2]))]
+    ref = torch.linalg.eigvalsh(blocks(split_hessian(model, "f0", loss_fn, data, beta=3.0)))
+    got = splitgrow.splitting_eigen(model, loss_fn, data, layers=["f0"], surrogate_beta=3.0)["f0"]
+    scale = float(ref.abs().max())
+    assert float((got.values - ref[:, 0]).abs().max()) <= 1e-9 * scale

@@ -37,13 +37,16 @@ class Piecewise:
 
     slope: float | Tensor
     kinks: Kinks
-    #: whether the op's own backward is exact in every dtype (PyTorch's hardsigmoid scales by a
-    #: float32 1/6, a relative error of 3e-8 in float64)
+    #: whether the op's own backward gives exactly :func:`piecewise_slope` (in every dtype and at
+    #: the kinks): true of ReLU, LeakyReLU and PReLU (one kink, the left slope at it). PyTorch's
+    #: hardtanh/ReLU6 give 0 at their upper kink where the convention here (slope right of a
+    #: kink only past it) gives 1, and its hardsigmoid scales by a float32 1/6 (a relative
+    #: error of 3e-8 in float64)
     exact_backward: bool = True
 
 
 _RELU = Piecewise(0.0, [(0.0, 1.0)])
-_RELU6 = Piecewise(0.0, [(0.0, 1.0), (6.0, -1.0)])
+_RELU6 = Piecewise(0.0, [(0.0, 1.0), (6.0, -1.0)], exact_backward=False)
 _HARDSIGMOID = Piecewise(0.0, [(-3.0, 1.0 / 6.0), (3.0, -1.0 / 6.0)], exact_backward=False)
 
 
@@ -52,7 +55,7 @@ def _leaky(slope: float) -> Piecewise:
 
 
 def _hardtanh(lo: float, hi: float) -> Piecewise:
-    return Piecewise(0.0, [(lo, 1.0), (hi, -1.0)])
+    return Piecewise(0.0, [(lo, 1.0), (hi, -1.0)], exact_backward=False)
 
 
 #: piecewise-linear activation modules, from the module's own settings
