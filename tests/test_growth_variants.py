@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from splitgrow import data
 from splitgrow.graph import analyze
@@ -166,7 +166,10 @@ def test_per_layer_selection_takes_each_layers_most_unstable_first(digits: data.
 
 
 def _two_layer_split_round(
-    monkeypatch: pytest.MonkeyPatch, model: nn.Sequential, cfg: GrowConfig
+    monkeypatch: pytest.MonkeyPatch,
+    model: nn.Sequential,
+    cfg: GrowConfig,
+    values: dict[str, Tensor] | None = None,
 ) -> dict[str, int]:
     """One split round of ``model`` (Linear 4→6, Tanh, Linear 6→6, Tanh, Linear 6→2) with
     λ_min faked: layer 0 [-100, -50, 1, …] and layer 2 [-0.01, -0.0099, -0.0098, -0.0097, 1, 1];
@@ -176,7 +179,7 @@ def _two_layer_split_round(
 
     G = importlib.import_module("splitgrow.training.grow")  # the module, not the function
     S2D = importlib.import_module("splitgrow.strategies.s2d")
-    values = {
+    values = values or {
         "0": torch.tensor([-100.0, -50, 1, 1, 1, 1], dtype=torch.float64),
         "2": torch.tensor([-0.01, -0.0099, -0.0098, -0.0097, 1, 1], dtype=torch.float64),
     }
@@ -207,6 +210,18 @@ def test_budget_trim_ranks_by_the_selection_in_use(monkeypatch: pytest.MonkeyPat
                      budget_params=params + 60)  # fmt: skip
     # per-layer scores: layer 0 [-1, -0.5], layer 2 [-1, -0.99, -0.98, -0.97]: 0's second goes
     assert _two_layer_split_round(monkeypatch, model, cfg) == {"0": 1, "2": 4}
+
+
+def test_per_layer_selection_does_not_lift_round_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer whose most negative λ is round-off against the others' (−1e-17 against −100) is
+    not scaled up to score −1: the two splits go to layer 0."""
+    torch.manual_seed(0)
+    values = {
+        "0": torch.tensor([-100.0, -50, 1, 1, 1, 1], dtype=torch.float64),
+        "2": torch.tensor([-1e-17, 1, 1, 1, 1, 1], dtype=torch.float64),
+    }
+    cfg = GrowConfig(rounds=2, selection="per-layer", grow_ratio=2 / 12, eps_mode="fixed")
+    assert _two_layer_split_round(monkeypatch, _two_layer_model(), cfg, values) == {"0": 2}
 
 
 def test_energy_selection_weighs_per_layer_normalised_values(

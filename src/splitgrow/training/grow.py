@@ -54,6 +54,7 @@ Batch = tuple[Tensor, Tensor]
 EPS_MODES = ("fixed", "relative", "line-search")
 DIRECTIONS = ("eigen", "random", "net2net", "fresh")
 SELECTIONS = ("global", "per-layer", "energy")
+NORMALISE_FLOOR = 1e-6  # per-layer units below this fraction of the largest are round-off
 MAX_SETTING = 1e30  # learning rates, ε and penalties above this overflow float32 arithmetic
 NET2NET_NOISE = 0.01  # net2net: offspring differ by ±1% of the neuron's norm
 TWIN_COSINE = 0.95
@@ -835,7 +836,11 @@ def _select(
         target = start * (cfg.budget_params / start) ** ((record["round"] + 1) / cfg.rounds)
         budget = min(budget, max(0, int(target) - params))
     if cfg.selection in ("per-layer", "energy"):  # each layer's λ in units of its most negative
-        values = {k: v / v.min().abs().clamp_min(1e-30) for k, v in values.items()}
+        # ... but never of less than NORMALISE_FLOOR of the largest such unit, so that a layer
+        # whose λ are round-off is not lifted to the others' scale
+        units = {k: float(-v.min()) for k, v in values.items()}
+        floor = max([NORMALISE_FLOOR * u for u in units.values()] + [1e-30])
+        values = {k: v / max(units[k], floor) for k, v in values.items()}
     flop_budget: int | None = None  # FLOPs this round may add (selection "energy" only)
     rates: dict[str, float] = {}
     flop_costs: dict[str, int] = {}
