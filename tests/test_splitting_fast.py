@@ -305,3 +305,23 @@ def test_wide_layers_start_from_the_projected_problem(monkeypatch: pytest.Monkey
             assert _agreement(fast[layer].values, e.values) >= 0.95, (name, layer)
             assert _agreement(fast[layer].max_values, e.max_values) >= 0.95, (name, layer)
     assert started == [28, 10, 13]  # mobile_block's chain layer c1, cnn1d's closed-form ones
+
+
+def test_kept_statistics_hold_no_autograd_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PReLU's slope requires grad; the weights w of its closed form must not carry a graph
+    (every kept product would otherwise build one)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.PReLU(5, init=0.2), nn.Linear(5, 3)).double()
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 4, generator=gen, dtype=torch.float64), torch.arange(8) % 3)]
+    kept: list[LocalProblem] = []
+    original = eigen_module._iterate_in_memory
+
+    def capture(problems, *args, **kwargs):  # type: ignore[no-untyped-def]
+        kept.extend(p for batch, _ in problems for p in batch.values())
+        return original(problems, *args, **kwargs)
+
+    monkeypatch.setattr(eigen_module, "_iterate_in_memory", capture)
+    splitgrow.splitting_eigen(model, loss_fn, batches, method="fast", cache=True)
+    assert kept and all(isinstance(p, ClosedFormProblem) for p in kept)
+    assert not any(p.w.requires_grad for p in kept if isinstance(p, ClosedFormProblem))

@@ -421,7 +421,8 @@ def _data_pass(
         batch_kept: dict[str, LocalProblem] = {}
         for i, recipe in enumerate(wanted):
             name = recipe.info.name
-            problem = recipe.problem(executor, kept, grad_by_node)
+            with torch.no_grad():  # statistics, not a graph (a PReLU's slope requires grad)
+                problem = recipe.problem(executor, kept, grad_by_node)
             for node in reads[i]:
                 if all(node not in later for later in reads[i + 1 :]):
                     kept.pop(node, None)
