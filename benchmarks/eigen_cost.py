@@ -127,6 +127,12 @@ def main() -> None:
     p.add_argument(
         "--subsets", default="", help="also exact on random subsets of these sizes, e.g. 64,128"
     )
+    p.add_argument(
+        "--micro-batch",
+        type=int,
+        default=None,
+        help="splitting_eigen's micro_batch: each batch in slices of this many samples",
+    )
     p.add_argument("--peak-of", default="", help=argparse.SUPPRESS)  # one measurement, internal
     args = p.parse_args()
 
@@ -171,7 +177,12 @@ def main() -> None:
             pick = order[: int(size)]
             data = [(x[pick], y[pick])]
         results[label] = splitgrow.splitting_eigen(
-            model, F.cross_entropy, data, method=method, cache=False if passes else None
+            model,
+            F.cross_entropy,
+            data,
+            method=method,
+            cache=False if passes else None,
+            micro_batch=args.micro_batch,
         )
 
     if args.peak_of:
@@ -193,7 +204,9 @@ def main() -> None:
     print(
         f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads; {size}, N = {args.samples}, "
-        f"batch {args.batch}, median of {args.repeats}"
+        f"batch {args.batch}"
+        + (f" in slices of {args.micro_batch}" if args.micro_batch else "")
+        + f", median of {args.repeats}"
     )
     print(f"one training epoch: {t_epoch:.3f} s, peak memory {m_epoch:.0f} MB")
     print(

@@ -122,6 +122,28 @@ def _prepare_batch(
     return inputs, target, size
 
 
+def _slices(
+    data: Iterable[Any], device: torch.device, micro_batch: int | None
+) -> Iterator[tuple[int, tuple[Any, ...], Any, int]]:
+    """``(batch index, inputs, target, size)`` for every batch, or for every slice of at most
+    ``micro_batch`` samples of it (tensors whose first dimension is the batch are sliced)."""
+    for index, batch in enumerate(data):
+        inputs, target, size = _prepare_batch(batch, index, device)
+        if micro_batch is None or size <= micro_batch:
+            yield index, inputs, target, size
+            continue
+        if not (isinstance(target, Tensor) and target.dim() and target.shape[0] == size):
+            raise ValueError(
+                f"batch {index}: micro_batch needs a target tensor with the batch as its first "
+                "dimension"
+            )
+        batched = [isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == size for t in inputs]
+        for start in range(0, size, micro_batch):
+            rows = slice(start, min(size, start + micro_batch))
+            part = tuple(t[rows] if b else t for t, b in zip(inputs, batched, strict=True))
+            yield index, part, target[rows], rows.stop - rows.start
+
+
 def splitting_eigen(
     model: nn.Module,
     loss_fn: LossFn,
@@ -136,6 +158,7 @@ def splitting_eigen(
     block: int | None = None,
     max_passes: int = 64,
     cache: bool | None = None,
+    micro_batch: int | None = None,
     seed: int = 0,
     progress: bool = False,
     distributed: bool = False,
@@ -181,6 +204,11 @@ def splitting_eigen(
             while they take at most 2 GiB (``CACHE_MAX_BYTES``), else a data pass per block;
             ``True``: whatever they take; ``False``: never. Layers on the general route always
             take data passes (their statistics are autograd graphs).
+        micro_batch: run each batch in slices of at most this many samples (the statistics are
+            sums over samples, so the result is the same up to rounding): less memory for the
+            forward and backward passes, whose activations scale with the slice. Needs
+            ``batchnorm="running"`` (slices would change batch statistics). ``None``: whole
+            batches.
         seed: fast route: seed of the random initial vectors.
         progress: show a progress bar over the batches (on a terminal; not in logs).
         distributed: every process of torch.distributed's default group calls this together,
@@ -216,11 +244,15 @@ def splitting_eigen(
         raise ValueError(f"tol must be in (0, 1), got {tol!r}")
     if cache is not None and not isinstance(cache, bool):
         raise TypeError(f"cache must be True, False or None, got {cache!r}")
-    for name, value in (("block", block), ("max_passes", max_passes)):
-        if name == "block" and value is None:
+    for name, value in (("block", block), ("max_passes", max_passes), ("micro_batch", micro_batch)):
+        if name in ("block", "micro_batch") and value is None:
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if micro_batch is not None and batchnorm == "batch":
+        raise ValueError(
+            "micro_batch needs batchnorm='running': slices would change the batch statistics"
+        )
 
     structure = analyze(model)
     names = _select_layers(structure, layers)
@@ -261,7 +293,7 @@ def splitting_eigen(
         exact_names = [k for k, v in chosen.items() if v == "exact"]
         matrices, samples, kept = _data_pass(
             executor, recipes, loss_fn, data, device, exact_names, solvers, dtype, progress,
-            distributed, sorted(cacheable) if limit > 0 else [], limit,
+            distributed, sorted(cacheable) if limit > 0 else [], limit, micro_batch,
         )  # fmt: skip
         if distributed and not sgdist.all_agree(str(kept is not None)):
             kept = None  # every process iterates in memory, or none does
@@ -288,14 +320,14 @@ def splitting_eigen(
         if late:
             more, _, _ = _data_pass(
                 executor, recipes, loss_fn, data, device, late, rest, dtype, progress,
-                distributed,
+                distributed, micro_batch=micro_batch,
             )  # fmt: skip
             matrices.update(more)
             passes += 1
         while any(not s.converged for s in rest.values()) and passes < max_passes:
             _data_pass(
                 executor, recipes, loss_fn, data, device, [], rest, dtype, progress,
-                distributed,
+                distributed, micro_batch=micro_batch,
             )  # fmt: skip
             passes += 1
 
@@ -378,6 +410,7 @@ def _data_pass(
     distributed: bool = False,
     keep_layers: Sequence[str] = (),
     limit: float = 0.0,
+    micro_batch: int | None = None,
 ) -> tuple[dict[str, Tensor], int, list[tuple[dict[str, LocalProblem], int]] | None]:
     """One pass over the data: accumulate exact matrices and the solvers' products S·V
     (summed over the processes when ``distributed``).
@@ -398,10 +431,8 @@ def _data_pass(
     kept_problems: list[tuple[dict[str, LocalProblem], int]] | None = [] if keep_layers else None
     seen: set[int] = set()  # storages already counted
     footprint = 0
-    for index, batch in enumerate(
-        tqdm(data, desc="splitting", disable=None if progress else True, leave=False)
-    ):
-        inputs, target, size = _prepare_batch(batch, index, device)
+    bar = tqdm(data, desc="splitting", disable=None if progress else True, leave=False)
+    for index, inputs, target, size in _slices(bar, device, micro_batch):
         # the taps' gradients are first derivatives: the surrogate's curvature is not needed
         with torch.enable_grad(), executor.first_order():
             output, kept, tapped = executor.forward(
