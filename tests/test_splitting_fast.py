@@ -238,9 +238,9 @@ def test_products_on_kept_statistics_equal_the_exact_matrices(
                     x = problem.x.dense().reshape(-1, d)
                 else:
                     assert isinstance(problem, ChainProblem)
-                    patches = neurons.handler(problem.module).patches(problem.module, problem.x)
-                    assert patches is not None
-                    x = patches.reshape(-1, d)
+                    op = neurons.handler(problem.module).operator(problem.module, problem.x)
+                    assert op is not None
+                    x = op.dense().reshape(-1, d)
                 assert gram_u is not None
                 assert torch.allclose(gram_u, x.t() @ x @ u, rtol=1e-9, atol=1e-12)
                 # the cache's size counts what the problem holds, patches and slices included

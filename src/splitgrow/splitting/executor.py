@@ -300,12 +300,11 @@ class Executor:
         if pw is not None:  # closed form: the surrogate's curvature at the kinks, or zero
             beta = self._beta()
             out: Tensor | None = None
-            for t, c in pw.kinks:
-                if beta is None:
-                    break
-                term = softplus_second_derivative(z.detach() - t, beta)
-                term = term if isinstance(c, float) and c == 1.0 else term.mul_(c)
-                out = term if out is None else out.add_(term)
+            if beta is not None:
+                for t, c in pw.kinks:
+                    term = softplus_second_derivative(z.detach() - t, beta)
+                    term = term if isinstance(c, float) and c == 1.0 else term.mul_(c)
+                    out = term if out is None else out.add_(term)
             return torch.zeros_like(z) if out is None else out
         with torch.enable_grad():
             z = z.detach().requires_grad_(True)

@@ -5,12 +5,12 @@ has one. Each handler gives:
 
 * ``theta(module)``: all neurons' parameters as one ``(n, d)`` tensor;
 * ``forward(module, x, theta)``: the layer's output with parameters ``theta``;
-* ``patches(module, x)``: the input each neuron sees at every output position, ``(B, P, d)``
-  (bias column included), or ``None`` when not available (the closed form is then not used);
-* ``operator(module, x)``: the same patches X̃ as a :class:`Patches` operator, which multiplies by
-  X̃ and X̃ᵀ without forming X̃ (a convolution's unfolded patches are k× its input), or ``None``;
+* ``operator(module, x)``: the input each neuron sees at every output position (bias column
+  included), the patches X̃ ``(B·P, d)``, as a :class:`Patches` operator that multiplies by X̃ and
+  X̃ᵀ without forming X̃ (a convolution's unfolded patches are k× its input; ``dense()`` forms
+  them), or ``None`` when not available (the closed form is then not used);
 * ``to_bnp(module, y)``: a per-output tensor shaped like the layer output, as ``(B, n, P)`` with
-  positions in the same order as ``patches``.
+  positions in the same order as the patches.
 """
 
 from __future__ import annotations
@@ -54,8 +54,6 @@ class Patches(Protocol):
 class NeuronHandler(Protocol):
     def has_patches(self, module: nn.Module) -> bool: ...
 
-    def patches(self, module: nn.Module, x: Tensor) -> Tensor | None: ...
-
     def operator(self, module: nn.Module, x: Tensor) -> Patches | None: ...
 
     def to_bnp(self, module: nn.Module, y: Tensor) -> Tensor: ...
@@ -91,8 +89,9 @@ def forward(module: nn.Module, x: Tensor, th: Tensor) -> Tensor:
     return functional_call(module, unpack(module, th), (x,))
 
 
-def _with_bias(module: nn.Module, cols: Tensor) -> Tensor:
-    if optional_tensor(module, "bias") is None:
+def _with_bias(bias: bool, cols: Tensor) -> Tensor:
+    """Patches ``cols`` ``(…, C·k…)`` with the bias's column of ones appended if ``bias``."""
+    if not bias:
         return cols
     return torch.cat([cols, cols.new_ones(*cols.shape[:-1], 1)], dim=-1)
 
@@ -188,9 +187,7 @@ class ConvPatches:
             cols = F.unfold(
                 x, kernel_size=kernel, dilation=dilation, padding=padding, stride=stride
             ).transpose(1, 2)  # (B, P, C·k…)
-        if not self.bias:
-            return cols
-        return torch.cat([cols, cols.new_ones(*cols.shape[:-1], 1)], dim=-1)
+        return _with_bias(self.bias, cols)
 
 
 @dataclass(frozen=True)
@@ -200,11 +197,9 @@ class LinearHandler:
     def has_patches(self, module: nn.Module) -> bool:
         return True
 
-    def patches(self, module: nn.Module, x: Tensor) -> Tensor:
-        return _with_bias(module, x.reshape(x.shape[0], -1, x.shape[-1]))
-
     def operator(self, module: nn.Module, x: Tensor) -> Patches:
-        return DensePatches(self.patches(module, x))
+        bias = optional_tensor(module, "bias") is not None
+        return DensePatches(_with_bias(bias, x.reshape(x.shape[0], -1, x.shape[-1])))
 
     def to_bnp(self, module: nn.Module, y: Tensor) -> Tensor:
         return y.reshape(y.shape[0], -1, y.shape[-1]).transpose(1, 2)
@@ -235,10 +230,6 @@ class ConvHandler:
             tuple(attr(module, "dilation")),
             optional_tensor(module, "bias") is not None,
         )
-
-    def patches(self, module: nn.Module, x: Tensor) -> Tensor | None:
-        op = self.operator(module, x)
-        return None if op is None else op.dense()
 
     def to_bnp(self, module: nn.Module, y: Tensor) -> Tensor:
         return y.reshape(y.shape[0], y.shape[1], -1)
