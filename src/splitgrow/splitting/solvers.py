@@ -90,8 +90,12 @@ class BlockSubspace:
         self.set_block(block)
         self.gen = generator
         f64 = torch.float64
-        self.basis = torch.zeros(n, d, 0, dtype=f64, device=device)
-        self.images = torch.zeros(n, d, 0, dtype=f64, device=device)
+        # the search space and its images S·q as rows (n, capacity, d), grown in place, and the
+        # projected matrix qᵢᵀ S qⱼ, extended by the new rows and columns at each update
+        self._rows = torch.zeros(n, 0, d, dtype=f64, device=device)
+        self._image_rows = torch.zeros(n, 0, d, dtype=f64, device=device)
+        self._projected = torch.zeros(n, 0, 0, dtype=f64, device=device)
+        self._size = 0
         start = torch.randn(n, d, self.block, generator=generator, dtype=torch.float64).to(device)
         self.pending = _orthonormalize(start, self.basis, generator)
         self.converged = False
@@ -99,18 +103,48 @@ class BlockSubspace:
         self.coords = torch.zeros(n, 0, 0, dtype=f64, device=device)
         self.residual = torch.full((n,), float("inf"), dtype=f64, device=device)
 
+    @property
+    def basis(self) -> Tensor:
+        """The orthonormal search space ``(n, d, size)`` (a view)."""
+        return self._rows[:, : self._size].transpose(1, 2)
+
+    def _grow(self, m: int) -> None:
+        """Room for ``m`` more rows (capacity doubles, at most d + a block)."""
+        need = self._size + m
+        if need <= self._rows.shape[1]:
+            return
+        cap = min(max(need, 2 * self._rows.shape[1], 8), self.d + m)
+        for name in ("_rows", "_image_rows"):
+            old = getattr(self, name)
+            new = old.new_zeros(self.n, cap, self.d)
+            new[:, : self._size] = old[:, : self._size]
+            setattr(self, name, new)
+        projected = self._projected.new_zeros(self.n, cap, cap)
+        projected[:, : self._size, : self._size] = self._projected[:, : self._size, : self._size]
+        self._projected = projected
+
     def update(self, images: Tensor) -> None:
         """Take S·pending ``(n, d, m)``, solve the projected problem, choose the next block."""
-        self.basis = torch.cat([self.basis, self.pending], dim=2)
-        self.images = torch.cat([self.images, images.to(torch.float64)], dim=2)
-        projected = self.basis.transpose(1, 2) @ self.images
-        projected = 0.5 * (projected + projected.transpose(1, 2))
-        self.values, self.coords = torch.linalg.eigh(projected)
-        size = self.basis.shape[2]
+        m, old = self.pending.shape[2], self._size
+        self._grow(m)
+        size = old + m
+        self._rows[:, old:size] = self.pending.transpose(1, 2)
+        self._image_rows[:, old:size] = images.to(torch.float64).transpose(1, 2)
+        q, y = self._rows[:, :size], self._image_rows[:, :size]
+        # new columns qᵢᵀ S q_new for every i, symmetrised with the new rows q_newᵀ S qᵢ
+        cols = q @ y[:, old:].transpose(1, 2)  # (n, size, m)
+        rows = y @ q[:, old:].transpose(1, 2)  # (n, size, m): (S qᵢ)ᵀ q_new
+        cols[:, :old] = 0.5 * (cols[:, :old] + rows[:, :old])
+        new = cols[:, old:]
+        cols[:, old:] = 0.5 * (new + new.transpose(1, 2))
+        self._projected[:, :size, old:size] = cols
+        self._projected[:, old:size, :old] = cols[:, :old].transpose(1, 2)
+        self._size = size
+        self.values, self.coords = torch.linalg.eigh(self._projected[:, :size, :size])
         wanted = self._wanted(size)
-        x = self.basis @ self.coords[:, :, wanted]
-        res = self.images @ self.coords[:, :, wanted] - x * self.values[:, None, wanted]
-        res_norm = res.norm(dim=1)  # (n, len(wanted))
+        c = self.coords[:, :, wanted].transpose(1, 2)  # (n, w, size)
+        res = c @ y - (c @ q) * self.values[:, wanted, None]  # residual rows (n, w, d)
+        res_norm = res.norm(dim=2)  # (n, len(wanted))
         ends = [0] if self.which == "min" else [size - 1] if self.which == "max" else [0, size - 1]
         scale = self.values[:, ends].abs().max().clamp_min(torch.finfo(torch.float64).tiny)
         tracked = torch.stack([res_norm[:, wanted.index(e)] for e in ends], dim=1)
@@ -120,7 +154,7 @@ class BlockSubspace:
             self.converged = True
             self.pending = self.basis[:, :, :0]
             return
-        nxt = res[:, :, : min(self.block, room)]
+        nxt = res[:, : min(self.block, room)].transpose(1, 2)
         self.pending = _orthonormalize(nxt, self.basis, self.gen)
 
     def start_from(self, u: Tensor, projected: Tensor) -> None:
@@ -142,7 +176,7 @@ class BlockSubspace:
     @property
     def size(self) -> int:
         """Columns of the search space so far (products S·v per neuron)."""
-        return int(self.basis.shape[2])
+        return self._size
 
     def _wanted(self, size: int) -> list[int]:
         k = min(self.block, size)
@@ -157,9 +191,9 @@ class BlockSubspace:
     def result(self) -> dict[str, tuple[Tensor, Tensor]]:
         """The current Ritz pairs at the requested ends (values ``(n,)``, vectors ``(n, d)``)."""
         out = {}
-        size = self.basis.shape[2]
+        size = self._size
         for end, col in (("min", 0), ("max", size - 1)):
             if self.which in (end, "both"):
-                vec = self.basis @ self.coords[:, :, col : col + 1]
-                out[end] = (self.values[:, col], canonical_sign(vec[:, :, 0]))
+                vec = self.coords[:, None, :, col] @ self._rows[:, :size]  # (n, 1, d)
+                out[end] = (self.values[:, col], canonical_sign(vec[:, 0]))
         return out
