@@ -183,7 +183,13 @@ def test_iterating_in_memory_equals_data_passes(name: str) -> None:
             assert m.passes == 1, layer
 
 
-def test_the_cache_limit_falls_back_to_data_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("start_min_d", [256, 8])
+def test_the_cache_limit_falls_back_to_data_passes(
+    monkeypatch: pytest.MonkeyPatch, start_min_d: int
+) -> None:
+    """Also for a layer whose first block waited for the projected start (``start_min_d`` 8:
+    mobile_block's c1): its random block then comes from the next data pass."""
+    monkeypatch.setattr(eigen_module, "SUBSPACE_START_MIN_D", start_min_d)
     model, batches = build("mobile_block")
     kw = {"method": "fast", "block": 2, "tol": 1e-8}
     memory = splitgrow.splitting_eigen(model, loss_fn, batches, cache=True, **kw)
@@ -286,17 +292,26 @@ def test_a_start_from_the_right_subspace_converges_at_once() -> None:
 
 def test_wide_layers_start_from_the_projected_problem(monkeypatch: pytest.MonkeyPatch) -> None:
     """The projected start (here lowered to d >= 8, 6 directions) runs on the closed-form and
-    chain routes, and the eigenpairs still agree with exact."""
+    chain routes, before any product (the first data pass computes no random block for these
+    layers), and the eigenpairs still agree with exact."""
     monkeypatch.setattr(eigen_module, "SUBSPACE_START_MIN_D", 8)
     monkeypatch.setattr(eigen_module, "SUBSPACE_START_COLUMNS", 6)
     started: list[int] = []
-    original = BlockSubspace.start_from
+    events: list[tuple[str, int]] = []  # (what, solver id)
+    original, update = BlockSubspace.start_from, BlockSubspace.update
 
     def spy(self: BlockSubspace, u: torch.Tensor, projected: torch.Tensor) -> None:
         started.append(self.d)
+        events.append(("start", id(self)))
+        assert self.size == 0, "a product came before the projected start"
         original(self, u, projected)
 
+    def spy_update(self: BlockSubspace, images: torch.Tensor) -> None:
+        events.append(("update", id(self)))
+        update(self, images)
+
     monkeypatch.setattr(BlockSubspace, "start_from", spy)
+    monkeypatch.setattr(BlockSubspace, "update", spy_update)
     for name in ("mobile_block", "cnn1d"):
         model, batches = build(name)
         exact = splitgrow.splitting_eigen(model, loss_fn, batches, which="both")
@@ -305,6 +320,9 @@ def test_wide_layers_start_from_the_projected_problem(monkeypatch: pytest.Monkey
             assert _agreement(fast[layer].values, e.values) >= 0.95, (name, layer)
             assert _agreement(fast[layer].max_values, e.max_values) >= 0.95, (name, layer)
     assert started == [28, 10, 13]  # mobile_block's chain layer c1, cnn1d's closed-form ones
+    for what, solver in events:
+        if what == "start":
+            assert events.index(("start", solver)) < events.index(("update", solver))
 
 
 def test_kept_statistics_hold_no_autograd_graph(monkeypatch: pytest.MonkeyPatch) -> None:

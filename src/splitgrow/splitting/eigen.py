@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, is_dataclass
 from typing import Any
 
@@ -289,11 +289,16 @@ def splitting_eigen(
         for name, r in recipes.items()
         if chosen[name] == "fast"
     }  # fmt: skip
+    # wide layers iterating in memory start from the projected problem: a random first block
+    # would only add a column of little use to their search space
+    deferred = (
+        {k for k in cacheable if recipes[k].info.d >= SUBSPACE_START_MIN_D} if limit else set()
+    )
     with eval_mode(model):
         exact_names = [k for k, v in chosen.items() if v == "exact"]
         matrices, samples, kept = _data_pass(
             executor, recipes, loss_fn, data, device, exact_names, solvers, dtype, progress,
-            distributed, sorted(cacheable) if limit > 0 else [], limit, micro_batch,
+            distributed, sorted(cacheable) if limit > 0 else [], limit, micro_batch, deferred,
         )  # fmt: skip
         if distributed and not sgdist.all_agree(str(kept is not None)):
             kept = None  # every process iterates in memory, or none does
@@ -411,9 +416,12 @@ def _data_pass(
     keep_layers: Sequence[str] = (),
     limit: float = 0.0,
     micro_batch: int | None = None,
+    deferred: Collection[str] = (),
 ) -> tuple[dict[str, Tensor], int, list[tuple[dict[str, LocalProblem], int]] | None]:
     """One pass over the data: accumulate exact matrices and the solvers' products S·V
-    (summed over the processes when ``distributed``).
+    (summed over the processes when ``distributed``), except for the ``deferred`` solvers,
+    whose problems are only kept (their pending block waits for the next pass or for the
+    iteration in memory).
 
     Returns:
         The exact matrices, the number of samples, and each batch's local problems of the
@@ -458,12 +466,15 @@ def _data_pass(
                 if all(node not in later for later in reads[i + 1 :]):
                     kept.pop(node, None)
                     grad_by_node.pop(node, None)
-            if name in active:
+            if name in deferred:
+                contrib = None
+            elif name in active:
                 v = active[name].pending.to(dtype)
                 contrib = problem.hvp(v).to(torch.float64) * size
             else:
                 contrib = problem.matrices() * size
-            sums[name] = contrib if name not in sums else sums[name] + contrib
+            if contrib is not None:
+                sums[name] = contrib if name not in sums else sums[name] + contrib
             if name in keep_layers:
                 batch_kept[name] = problem
             del problem, contrib
@@ -480,7 +491,8 @@ def _data_pass(
     if total == 0:
         raise ValueError("batches is empty: at least one (input, target) pair is needed")
     for name, solver in active.items():
-        solver.update(sums.pop(name) / total)
+        if name not in deferred:
+            solver.update(sums.pop(name) / total)
     return {k: v / total for k, v in sums.items()}, total, kept_problems
 
 
@@ -515,7 +527,7 @@ def _iterate_in_memory(
     S·V as a data pass computes (each batch weighed by its size, summed over the processes),
     with no forward or backward pass of the network."""
     _projected_start(kept, solvers, dtype, total, distributed, device)
-    steps = 1  # the first data pass gave the first block
+    steps = 1  # the first data pass gave the first block (or the projected start did)
     while steps < max_passes:
         active = {k: s for k, s in solvers.items() if not s.converged}
         if not active:
