@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 WHICH = ("min", "max", "both")
+GROW_ROWS = 4  # rows the search space's buffers grow by
 
 
 def canonical_sign(vectors: Tensor) -> Tensor:
@@ -109,11 +110,12 @@ class BlockSubspace:
         return self._rows[:, : self._size].transpose(1, 2)
 
     def _grow(self, m: int) -> None:
-        """Room for ``m`` more rows (capacity doubles, at most d + a block)."""
+        """Room for ``m`` more rows, in steps of a few rows (what a copy costs in memory and
+        time is what the old concatenation of the whole space at every block did)."""
         need = self._size + m
         if need <= self._rows.shape[1]:
             return
-        cap = min(max(need, 2 * self._rows.shape[1], 8), self.d + m)
+        cap = min(need + GROW_ROWS - 1, self.d + m)
         for name in ("_rows", "_image_rows"):
             old = getattr(self, name)
             new = old.new_zeros(self.n, cap, self.d)
