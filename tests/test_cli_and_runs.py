@@ -20,7 +20,7 @@ FAST = ["--rounds", "1", "--epochs-per-round", "1", "--widths", "3", "3", "3", "
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("run")
-    assert main(["grow", "--out", str(out), *FAST]) == 0
+    assert main(["grow", "--out", str(out), *FAST, "--eigen-micro-batch", "32"]) == 0
     return out
 
 
@@ -40,6 +40,7 @@ def test_grow_writes_a_readable_run_directory(
     assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
     config = json.loads((run / "config.json").read_text())
     assert config["cli"]["rounds"] == 1 and config["architecture"]["model"] == "cnn"
+    assert config["grow"]["eigen_micro_batch"] == 32
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     results = json.loads((run / "results.json").read_text())
     assert [r["round"] for r in log] == [0, 1] == [r["round"] for r in results["history"]]
@@ -102,6 +103,7 @@ def test_info_lists_registries(capsys: pytest.CaptureFixture[str]) -> None:
             "--max-widths 1=4 is below that layer's starting width 8",
         ),
         (["grow", "--plateau", "-0.1"], "must be a positive number up to 1e+30"),
+        (["grow", "--eigen-micro-batch", "0"], "--eigen-micro-batch: must be positive: 0"),
         (["grow", "--carry", "keep"], "invalid choice: 'keep'"),
         (["grow", "--lr", "1e39"], "must be a positive number up to 1e+30: 1e39"),
         (["compare", "--budget-params", "900", "--rounds", "0"], "need at least one growth round"),

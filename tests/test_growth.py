@@ -128,11 +128,41 @@ def test_train_phase_plateau_and_non_finite(digits: data.Dataset) -> None:
         ({"grow_ratio": 1.5}, "grow_ratio must be in"),
         ({"eps_grid": ()}, "eps_grid must hold positive numbers"),
         ({"budget_params": 0}, "budget_params must be a positive integer"),
+        ({"eigen_micro_batch": 0}, "eigen_micro_batch must be a positive integer"),
+        ({"eigen_micro_batch": 8, "batchnorm": "batch"}, "eigen_micro_batch needs batchnorm"),
     ],
 )
 def test_config_errors(kwargs: dict, words: str) -> None:
     with pytest.raises(ValueError, match=words):
         GrowConfig(**kwargs)
+
+
+def test_eigen_micro_batch_reaches_the_solver_and_changes_nothing(
+    digits: data.Dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """grow's eigen_micro_batch: splitting_eigen runs each batch in slices of that many samples,
+    and the round's λ_min and splits are those of whole batches."""
+    from splitgrow.strategies import s2d as s2d_module
+
+    seen: list[int | None] = []
+    original = s2d_module.splitting_eigen
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(kwargs.get("micro_batch"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(s2d_module, "splitting_eigen", spy)
+    train = digits.train.batches(64)[:3]
+    runs = []
+    for micro in (None, 16):
+        cfg = GrowConfig(rounds=1, epochs_per_round=1, eigen_micro_batch=micro, eps_mode="fixed")
+        runs.append(grow(_model(digits), train, loss_fn=F.cross_entropy, config=cfg).history[0])
+    assert seen == [None, 16]
+    whole, sliced = runs
+    assert whole["split"] == sliced["split"]
+    for layer, summary in whole["lambda_min"].items():
+        assert sliced["lambda_min"][layer]["negative"] == summary["negative"]
+        assert math.isclose(sliced["lambda_min"][layer]["min"], summary["min"], rel_tol=1e-4)
 
 
 def test_random_directions_split_the_same_neurons(digits: data.Dataset) -> None:

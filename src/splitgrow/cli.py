@@ -175,6 +175,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--directions", default="eigen", choices=["eigen", "random", "net2net", "fresh"])
     g.add_argument("--selection", default="per-layer", choices=["per-layer", "global", "energy"])
     g.add_argument("--eigen-samples", type=_positive_int, default=None)
+    g.add_argument(
+        "--eigen-micro-batch", type=_positive_int, default=None,
+        help="splitting statistics in slices of at most this many samples (less memory)",
+    )  # fmt: skip
     g.add_argument("--budget-params", type=_positive_int, default=None)
     g.add_argument("--budget-flops", type=_positive_int, default=None)
     g.add_argument(
@@ -418,6 +422,7 @@ def _grow_on(args: argparse.Namespace, argv: Sequence[str], device: torch.device
         strategy_options=dict(args.strategy_option or []),
         selection=args.selection,
         eigen_samples=args.eigen_samples,
+        eigen_micro_batch=args.eigen_micro_batch,
         batch_size=args.batch_size,
         max_widths=dict(args.max_widths or []),
         budget_params=args.budget_params,

@@ -39,6 +39,7 @@ class RoundContext:
     generator: torch.Generator  # the round's random source (CPU)
     distributed: bool  # every process calls ``candidates`` together
     options: Mapping[str, Any] = field(default_factory=dict)  # the strategy's own settings
+    micro_batch: int | None = None  # splitting statistics in slices of at most this many samples
 
 
 @dataclass

@@ -160,7 +160,7 @@ class Firefly:
         if opts.split:
             eig = splitting_eigen(
                 ctx.model, ctx.loss_fn, ctx.data, method=ctx.method, batchnorm=ctx.batchnorm,
-                surrogate_beta=ctx.surrogate_beta, seed=ctx.seed,
+                surrogate_beta=ctx.surrogate_beta, seed=ctx.seed, micro_batch=ctx.micro_batch,
             )  # fmt: skip
         scores: dict[str, Tensor] = {}
         state: dict[str, UnitCandidates] = {}

@@ -91,7 +91,7 @@ def _eigen(ctx: RoundContext, which: str) -> dict[str, SplitEigen]:
     return splitting_eigen(
         ctx.model, ctx.loss_fn, ctx.share, method=ctx.method, which=which,
         batchnorm=ctx.batchnorm, surrogate_beta=ctx.surrogate_beta, seed=ctx.seed,
-        distributed=ctx.distributed,
+        distributed=ctx.distributed, micro_batch=ctx.micro_batch,
     )  # fmt: skip
 
 

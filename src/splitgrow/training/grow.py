@@ -90,6 +90,10 @@ class GrowConfig:
     batchnorm: str = "running"  # BatchNorm statistics of the splitting matrices
     surrogate_beta: float | None = 3.0  # softplus β of the ReLU-like surrogate (None: exact)
     eigen_samples: int | None = None  # splitting matrices over this many training samples
+    # splitting statistics in slices of at most this many samples: the same eigenpairs (up to
+    # rounding) with the memory of a pass over that many (splitting_eigen's micro_batch; needs
+    # batchnorm "running")
+    eigen_micro_batch: int | None = None
     budget_params: int | None = None  # never grow beyond this many parameters
     # which λ_min compete: "per-layer" (default: each layer's values divided by its most negative
     # one, so layers whose curvature is on a smaller scale are not starved; +1.3 points on the
@@ -144,8 +148,8 @@ class GrowConfig:
         if self.final_epochs is not None:
             positive_int("final_epochs", self.final_epochs)
         for name in (
-            "budget_params", "budget_flops", "eigen_samples", "round_budget_params",
-            "round_budget_flops",
+            "budget_params", "budget_flops", "eigen_samples", "eigen_micro_batch",
+            "round_budget_params", "round_budget_flops",
         ):  # fmt: skip
             if getattr(self, name) is not None:
                 positive_int(name, getattr(self, name))
@@ -162,6 +166,11 @@ class GrowConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.eigen_micro_batch is not None and self.batchnorm == "batch":
+            raise ValueError(
+                "eigen_micro_batch needs batchnorm='running': slices would change the batch "
+                "statistics"
+            )
         for name in ("lr", "eps"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 < value <= MAX_SETTING):
@@ -717,6 +726,7 @@ def _split_round(
             share=eigen_data if eigen_share is None else eigen_share, method=cfg.method,
             batchnorm=cfg.batchnorm, surrogate_beta=cfg.surrogate_beta, seed=cfg.seed,
             generator=gen, distributed=distributed, options=_options(cfg),
+            micro_batch=cfg.eigen_micro_batch,
         )  # fmt: skip
         cands = strategy.candidates(ctx)
         faults.reached("split")
