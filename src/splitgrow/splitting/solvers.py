@@ -110,8 +110,9 @@ class BlockSubspace:
         return self._rows[:, : self._size].transpose(1, 2)
 
     def _grow(self, m: int) -> None:
-        """Room for ``m`` more rows, in steps of a few rows (what a copy costs in memory and
-        time is what the old concatenation of the whole space at every block did)."""
+        """Room for ``m`` more rows, ``GROW_ROWS`` at a time: a copy of the space every few
+        blocks, and never more than a few rows unused (doubling would hold up to twice the
+        space, for the few blocks a solver takes)."""
         need = self._size + m
         if need <= self._rows.shape[1]:
             return
