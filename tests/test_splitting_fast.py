@@ -267,6 +267,34 @@ def test_bad_cache_argument() -> None:
         splitgrow.splitting_eigen(model, loss_fn, batches, method="fast", cache="yes")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("block", [1, 3])
+def test_the_projected_matrix_is_kept_equal_to_the_spaces(block: int) -> None:
+    """The solver extends qᵢᵀSqⱼ by its new rows and columns at each update (its buffers growing
+    a few rows at a time): it equals the projection recomputed from the whole space, and the
+    residuals are those of the Ritz pairs."""
+    gen = torch.Generator().manual_seed(0)
+    n, d = 4, 30
+    a = torch.randn(n, d, d, generator=gen, dtype=torch.float64)
+    s = a + a.transpose(1, 2)
+    solver = BlockSubspace(n, d, "both", block, 1e-12, gen, torch.device("cpu"))
+    for _ in range(5):
+        solver.update(s @ solver.pending)
+        q = solver.basis
+        size = solver.size
+        eye = torch.eye(size, dtype=torch.float64).expand(n, -1, -1)
+        assert torch.allclose(q.transpose(1, 2) @ q, eye, atol=1e-12)
+        full = q.transpose(1, 2) @ s @ q
+        assert torch.allclose(solver._projected[:, :size, :size], full, atol=1e-12)
+        norms = []
+        for values, vectors in solver.result().values():  # both ends
+            res = (s @ vectors[:, :, None])[:, :, 0] - values[:, None] * vectors
+            norms.append(res.norm(dim=1))
+        scale = solver.values[:, [0, -1]].abs().max()
+        expected = torch.stack(norms).max(dim=0).values / scale
+        assert torch.allclose(solver.residual, expected, rtol=1e-8, atol=1e-12)
+    assert solver.size == 5 * max(block, 2)
+
+
 def test_a_start_from_the_right_subspace_converges_at_once() -> None:
     """Ritz vectors of the problem projected on a subspace holding the wanted eigenvectors are
     those eigenvectors: one block of products confirms them."""
