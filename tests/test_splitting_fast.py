@@ -254,6 +254,14 @@ def test_products_on_kept_statistics_equal_the_exact_matrices(
                 if isinstance(problem, ChainProblem):
                     assert problem._state is not None  # the products above computed it
                     held = [problem.x, *problem._state[0].weights]
+                    if name == "mobile_block" and layer == "c1":
+                        # c1 → b1 → a1 → dw → b2 → a2: the products read a1's tangent scale
+                        # (dw mixes positions) and no primal value; nothing else is kept
+                        for part in problem._state:
+                            assert [str(a.target) for a in part.scales] == ["a1"]
+                            assert part.primal == {}
+                            targets = {str(a.target) for a in part.pointwise}
+                            assert targets == {"b1", "a1", "b2", "a2"}
                 nbytes = {
                     t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held
                 }

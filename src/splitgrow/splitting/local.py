@@ -31,6 +31,7 @@ chain. Every route is tested against the brute-force Hessian of the split networ
 from __future__ import annotations
 
 import itertools
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -501,37 +502,43 @@ class ChainProblem(LocalProblem):
         self,
         t: Tensor,
         primal: dict[fx.Node, Any],
+        pointwise: Collection[fx.Node],
         scales: dict[fx.Node, Tensor | None],
         offsets: dict[fx.Node, Tensor | None],
-    ) -> list[tuple[Tensor, Tensor | None]]:
-        """Tangents of the activation inputs u_k for the batch of tangents ``t`` ``(m, …)`` of
-        the layer output, each as ``(base (m, …), scale)`` meaning ``base · scale``: pointwise
-        steps only change the unbatched scale (from :meth:`_primal`); steps that mix positions
-        (pools, depthwise convs, reshapes) materialise it and are pushed with the m tangents
-        folded into the batch. Equivalent to ``vmap(jvp(chain))`` without repeating the primal.
-        """
+    ) -> list[Tensor]:
+        """Tangent bases of the activation inputs u_k for the batch of tangents ``t`` ``(m, …)``
+        of the layer output: the tangent of u_k is ``base · scale`` with the scale from
+        :meth:`_primal`. Pointwise steps (``pointwise``) only change the unbatched scale; steps
+        that mix positions (pools, depthwise convs, reshapes) materialise it, reading ``scales``
+        of their inputs only, and are pushed with the m tangents folded into the batch.
+        Equivalent to ``vmap(jvp(chain))`` without repeating the primal."""
         base: dict[fx.Node, Tensor] = {self.producer: t}
         for node in self.chain:
             if self.kinds[node] == StepKind.META:
                 continue
             chain_in = [a for a in node.all_input_nodes if a in base]
-            if scales[node] is not None:  # pointwise: the scale holds its slope
+            if node in pointwise:  # the scale holds its slope
                 base[node] = base[chain_in[0]]
                 continue
-            full = []
-            for a in chain_in:
-                scale = scales[a]
-                full.append(base[a] if scale is None else _times(base[a], scale))
+            full = [
+                _times(base[a], scales[a]) if a in pointwise else base[a]  # type: ignore[arg-type]
+                for a in chain_in
+            ]
             base[node] = self._push_linear(node, chain_in, primal, full, offsets.get(node))
-        return [(base[a], scales[a]) for a in self.inputs]
+        return [base[a] for a in self.inputs]
 
     def _push(
         self, y: Tensor, t: Tensor
     ) -> tuple[list[Tensor], list[tuple[Tensor, Tensor | None]]]:
-        """Activation inputs u_k for the layer output ``y``, and their tangents (see
-        :meth:`_tangents`) for the tangents ``t`` of ``y``."""
+        """Activation inputs u_k for the layer output ``y``, and their tangents for the
+        tangents ``t`` of ``y``, each as ``(base, scale)``: ``base · scale``, see
+        :meth:`_tangents`."""
         primal, scales, offsets = self._primal(y)
-        return [primal[a] for a in self.inputs], self._tangents(t, primal, scales, offsets)
+        pointwise = {node for node, scale in scales.items() if scale is not None}
+        bases = self._tangents(t, primal, pointwise, scales, offsets)
+        return [primal[a] for a in self.inputs], [
+            (b, scales[a]) for b, a in zip(bases, self.inputs, strict=True)
+        ]
 
     def _pointwise(
         self, node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -701,12 +708,19 @@ class ChainProblem(LocalProblem):
                     w if scales[a] is None else w * scales[a].square()  # type: ignore[union-attr]
                     for w, a in zip(self._weights(us, rows), self.inputs, strict=True)
                 ]
-            needed = {
-                a for node in self.chain if node in primal and scales.get(node, 0) is None
-                for a in node.all_input_nodes
+            # keep only what the products read: the primal inputs of the steps that mix
+            # positions where a tangent does not replace them (every input of a max pool, which
+            # selects where the primal does), and the scales of those steps' inputs
+            pointwise = frozenset(node for node, scale in scales.items() if scale is not None)
+            mixing = [node for node in self.chain if node in scales and node not in pointwise]
+            primal = {
+                a: primal[a] for node in mixing for a in node.all_input_nodes
+                if a not in scales or _is_selection(node, self.ex.modules)
             }  # fmt: skip
-            primal = {k: v for k, v in primal.items() if k in needed}
-            self._state.append(_SliceState(rows, primal, scales, offsets, weights))
+            scales = {
+                a: scales[a] for node in mixing for a in node.all_input_nodes if a in pointwise
+            }  # fmt: skip
+            self._state.append(_SliceState(rows, primal, pointwise, scales, offsets, weights))
         return self._state
 
     def hvp(self, v: Tensor) -> Tensor:
@@ -721,9 +735,9 @@ class ChainProblem(LocalProblem):
             with torch.enable_grad():
                 vv = v.requires_grad_(True)
                 ydot = vmap(lambda col, x=x: neurons.forward(self.module, x, col), in_dims=2)(vv)
-                tangents = self._tangents(ydot, part.primal, part.scales, part.offsets)
+                bases = self._tangents(ydot, part.primal, part.pointwise, part.scales, part.offsets)
                 q = torch.zeros((), dtype=v.dtype, device=v.device)
-                for w, (base, _) in zip(part.weights, tangents, strict=True):
+                for w, base in zip(part.weights, bases, strict=True):
                     q = q + (w * base.square()).sum()
                 (cols,) = torch.autograd.grad(q / 2, vv)
             out += cols
@@ -735,8 +749,9 @@ class _SliceState:
     """A slice of a chain problem's samples, with what its products S·v reuse."""
 
     rows: slice
-    primal: dict[fx.Node, Any]
-    scales: dict[fx.Node, Tensor | None]
+    primal: dict[fx.Node, Any]  # only what the steps that mix positions read
+    pointwise: frozenset[fx.Node]  # the steps whose tangent is their input's times a scale
+    scales: dict[fx.Node, Tensor | None]  # only those of the mixing steps' inputs
     offsets: dict[fx.Node, Tensor | None]
     weights: list[Tensor]
 
