@@ -6,9 +6,9 @@
   method without preconditioner), and after each block of products S·V it solves the projected
   problem exactly (Rayleigh–Ritz). It needs only products S·V, which for all neurons of all layers
   cost one Hessian-vector pass over the data per block column. It stops when every wanted Ritz
-  pair's residual ‖S x − θ x‖ is below ``tol`` times the layer's largest |θ| (for a symmetric
-  matrix the eigenvalue error is at most that residual), or when the space is the whole of R^d (it
-  is then exact).
+  pair's residual ‖S x − θ x‖ is below ``tol`` times the layer's largest |θ| at that end (for a
+  symmetric matrix the eigenvalue error is at most that residual), or when the space is the
+  whole of R^d (it is then exact).
 """
 
 from __future__ import annotations
@@ -149,9 +149,10 @@ class BlockSubspace:
         res = c @ y - (c @ q) * self.values[:, wanted, None]  # residual rows (n, w, d)
         res_norm = res.norm(dim=2)  # (n, len(wanted))
         ends = [0] if self.which == "min" else [size - 1] if self.which == "max" else [0, size - 1]
-        scale = self.values[:, ends].abs().max().clamp_min(torch.finfo(torch.float64).tiny)
+        # each end relative to its own largest |θ| over the neurons, as its accuracy is judged
+        scales = self.values[:, ends].abs().amax(dim=0).clamp_min(torch.finfo(torch.float64).tiny)
         tracked = torch.stack([res_norm[:, wanted.index(e)] for e in ends], dim=1)
-        self.residual = tracked.max(dim=1).values / scale
+        self.residual = (tracked / scales).max(dim=1).values
         room = self.d - size
         if room <= 0 or bool((self.residual <= self.tol).all()):
             self.converged = True
