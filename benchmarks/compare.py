@@ -29,11 +29,11 @@ from splitgrow.compare import CompareConfig, run_compare
 SETTINGS: dict[str, dict[str, Any]] = {
     "digits-mlp": {
         "dataset": "digits", "model": "mlp", "widths": [4, 4], "budget_params": 3000,
-        "epochs": 60, "rounds": 6, "epochs_per_round": 6,
+        "epochs": 60, "rounds": 6, "epochs_per_round": 3,
     },
     "digits-cnn": {
         "dataset": "digits", "model": "cnn", "widths": [4, 4, 4, 4], "budget_params": 4000,
-        "epochs": 40, "rounds": 5, "epochs_per_round": 5, "nas_trials": 6,
+        "epochs": 40, "rounds": 5, "epochs_per_round": 3, "nas_trials": 6,
     },
     "mnist1d-mlp": {
         "dataset": "mnist1d", "model": "mlp", "widths": [8, 8], "budget_params": 6000,
@@ -75,6 +75,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="a smoke run: few epochs, one seed")
     p.add_argument("--rounds", type=int, default=None, help="override the setting's rounds")
     p.add_argument("--epochs-per-round", type=int, default=None, help="override it too")
+    p.add_argument(
+        "--final-shrink", type=float, default=None, help="override final_shrink (λ in [0, 1])"
+    )
     p.add_argument("--tag", default="", help="suffix of the result file and run directory")
     p.add_argument("--device", default="cpu")
     p.add_argument("--methods", nargs="+", default=None, help="only these methods")
@@ -89,7 +92,7 @@ def main() -> None:
         fields["seeds"] = args.seeds
         if args.methods:
             fields["methods"] = args.methods
-        for key in ("rounds", "epochs_per_round"):
+        for key in ("rounds", "epochs_per_round", "final_shrink"):
             if getattr(args, key) is not None:
                 fields[key] = getattr(args, key)
         if args.quick:

@@ -28,9 +28,10 @@ AUTO_MAX_D_GENERAL = 64
 AUTO_MAX_BYTES = 1 << 30
 #: ... and on the closed-form and chain routes, only while d is at most this when the fast route
 #: may iterate on statistics kept in memory (``cache`` not ``False``): there it needs far fewer
-#: than d products (MobileNet width 128, d = 129: R 3.3 against exact's 26; at d = 33 the two
-#: are even, ``benchmarks/results/eigen_cost_cpu.md``)
-AUTO_MAX_D_IN_MEMORY = 64
+#: than d products (MobileNet width 128, d = 129: R 3.3 against exact's 26; width 32, d = 33:
+#: 3–8 products, 0.06–1.3 epochs per layer against exact's 0.3–3.8; d = 28: even, 3.1 against
+#: 3.5; ``benchmarks/results/eigen_cost_cpu.md``)
+AUTO_MAX_D_IN_MEMORY = 32
 #: the fast route's vectors per neuron and block: iterating in memory, where a block costs only
 #: its products, or with a data pass per block
 BLOCK_IN_MEMORY, BLOCK_PER_PASS = 1, 4
@@ -177,10 +178,10 @@ def splitting_eigen(
         method: ``"exact"`` (full matrices, batched ``eigh``), ``"fast"`` (block subspace
             iteration on Hessian-vector products) or ``"auto"`` (exact while d ≤ 512 and the
             matrices fit in 1 GiB; on the general route, where each of the d columns costs a
-            Hessian-vector product, and, unless ``cache`` is ``False``, on the closed-form and
-            chain routes, only while d ≤ 64; else fast. A layer that took the fast route only
-            because its statistics could stay in memory is computed exactly after all, in a
-            second data pass, when they turn out not to fit).
+            Hessian-vector product, only while d ≤ 64, and, unless ``cache`` is ``False``, on
+            the closed-form and chain routes only while d ≤ 32; else fast. A layer that took the
+            fast route only because its statistics could stay in memory is computed exactly
+            after all, in a second data pass, when they turn out not to fit).
         which: ``"min"`` (default), ``"max"`` or ``"both"``.
         layers: names of the layers to compute; default every splittable layer.
         batchnorm: ``"running"`` statistics (default, the published convention) or ``"batch"``
