@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -89,9 +90,24 @@ def test_widths_that_fit_the_budget() -> None:
 
 
 @pytest.mark.parametrize(
+    ("epochs", "rounds", "expected"),
+    [(150, 5, 5), (60, 6, 3), (40, 5, 2), (100, 5, 5), (10, 5, 1), (20, 0, 5)],
+)
+def test_the_default_schedule_gives_growth_a_third_of_the_epochs(
+    epochs: int, rounds: int, expected: int
+) -> None:
+    cfg = CompareConfig(epochs=epochs, rounds=rounds, methods=["uniform"])
+    assert cfg.epochs_per_round == expected
+    assert asdict(cfg)["epochs_per_round"] == expected  # config.json records what ran
+    explicit = CompareConfig(epochs=epochs, rounds=1, epochs_per_round=2, methods=["uniform"])
+    assert explicit.epochs_per_round == 2
+
+
+@pytest.mark.parametrize(
     ("kwargs", "words"),
     [
         ({"methods": ["s2d", "magic"]}, "unknown methods ['magic']"),
+        ({"rounds": 5, "epochs": 5}, "must be below epochs"),  # the default: 1 per round
         ({"rounds": 5, "epochs_per_round": 2, "epochs": 10}, "must be below epochs"),
         ({"tune_trials": 4}, "tune_trials 4 > 3 rates"),
         ({"prune_wide": 1.0}, "prune_wide must be above 1"),

@@ -252,7 +252,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seeds", type=_positive_int, default=3)
     c.add_argument("--epochs", type=_positive_int, default=150)
     c.add_argument("--rounds", type=_non_negative_int, default=5)
-    c.add_argument("--epochs-per-round", type=_positive_int, default=5)
+    c.add_argument(
+        "--epochs-per-round", type=_positive_int, default=None,
+        help="growth: epochs per round (default: a third of the epochs over the rounds, ≤ 5)",
+    )  # fmt: skip
     c.add_argument("--grow-ratio", type=_positive_float, default=0.5)
     c.add_argument(
         "--final-shrink", type=_shrink, default=0.3, metavar="LAMBDA",

@@ -66,10 +66,13 @@ class CompareConfig:
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     seeds: int = 3
     epochs: int = 150  # training epochs of every method
-    # growth: 5 rounds 5 epochs apart (on MNIST-1D this beat 10 × 10 by 3.4 points for s2d:
-    # benchmarks/results/s2d_ablation_mnist1d_mlp.md), then the rest of the epochs
+    # growth: 5 rounds, then the rest of the epochs. Epochs per round, by default a third of the
+    # epochs over the rounds, at most 5 (150 epochs: 5 × 5; 60 epochs, 6 rounds: 6 × 3). Longer
+    # phases left too little for the final shape on digits (6 × 6 of 60 epochs: −0.8 for s2d, 10
+    # seeds), and on MNIST-1D 10 × 10 of 150 did no better than 5 × 5 within noise
+    # (benchmarks/results/schedule_digits.md)
     rounds: int = 5
-    epochs_per_round: int = 5
+    epochs_per_round: int | None = None
     grow_ratio: float = 0.5  # a cap per round: growth is spread to reach the budget
     final_shrink: float | None = 0.3  # growth methods: GrowConfig.final_shrink (None: off)
     optimizer: str = "sgd"
@@ -84,6 +87,11 @@ class CompareConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        if self.epochs_per_round is None and isinstance(self.epochs, int):  # frozen: resolve it
+            rounds = self.rounds if isinstance(self.rounds, int) else 1
+            object.__setattr__(
+                self, "epochs_per_round", default_epochs_per_round(self.epochs, rounds)
+            )
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
@@ -101,6 +109,7 @@ class CompareConfig:
         growing = [m for m in self.methods if m in GROWTH_METHODS]
         if growing and self.rounds < 1:
             raise ValueError(f"{', '.join(growing)} need at least one growth round (rounds ≥ 1)")
+        assert self.epochs_per_round is not None  # checked above
         if self.rounds * self.epochs_per_round >= self.epochs:
             raise ValueError(
                 f"rounds × epochs_per_round ({self.rounds} × {self.epochs_per_round}) must be "
@@ -123,6 +132,11 @@ class CompareConfig:
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
 
 
+def default_epochs_per_round(epochs: int, rounds: int) -> int:
+    """A third of ``epochs`` spread over ``rounds`` growth phases, at least 1 and at most 5."""
+    return max(1, min(5, epochs // (3 * max(1, rounds))))
+
+
 def make_setting(cfg: CompareConfig) -> Setting:
     import torch.nn.functional as F
 
@@ -139,6 +153,7 @@ def make_setting(cfg: CompareConfig) -> Setting:
         raise ValueError(
             f"budget_params {cfg.budget_params} is smaller than the starting model ({start})"
         )
+    assert cfg.epochs_per_round is not None  # resolved in CompareConfig.__post_init__
     return Setting(
         data=data, arch=arch, budget=cfg.budget_params, epochs=cfg.epochs, rounds=cfg.rounds,
         epochs_per_round=cfg.epochs_per_round, grow_ratio=cfg.grow_ratio,
