@@ -191,8 +191,8 @@ def splitting_eigen(
         tol: fast route: residual ‖S_i x − θx‖ at which a Ritz pair (θ, x) is converged,
             relative to the layer's largest |θ| at that end. S_i then has an eigenvalue
             within ``tol`` × that scale of θ (the default 2e-2: within 2%, the accuracy
-            ``benchmarks/eigen_cost.py`` checks; 1e-2 took 7 + 4 + 8 products per neuron
-            instead of 4 + 4 + 6 on the three wide layers of its width-128 CNN), and x is within
+            ``benchmarks/eigen_cost.py`` checks; 1e-2 took 6 + 3 + 5 products per neuron
+            instead of 5 + 3 + 4 on the three wide layers of its width-128 CNN), and x is within
             about ``tol`` × scale / gap of its eigenvector.
         block: fast route: vectors per neuron added to the search space per block of
             products. ``None`` (default): 1 while iterating in memory (a block costs only its
