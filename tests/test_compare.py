@@ -107,7 +107,7 @@ def test_the_default_schedule_gives_growth_a_third_of_the_epochs(
     ("kwargs", "words"),
     [
         ({"methods": ["s2d", "magic"]}, "unknown methods ['magic']"),
-        ({"rounds": 5, "epochs": 5}, "must be below epochs"),  # the default: 1 per round
+        ({"rounds": 5, "epochs": 5}, "5 × 1, its default"),
         ({"rounds": 5, "epochs_per_round": 2, "epochs": 10}, "must be below epochs"),
         ({"tune_trials": 4}, "tune_trials 4 > 3 rates"),
         ({"prune_wide": 1.0}, "prune_wide must be above 1"),

@@ -87,7 +87,8 @@ class CompareConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.epochs_per_round is None and isinstance(self.epochs, int):  # frozen: resolve it
+        defaulted = self.epochs_per_round is None
+        if defaulted and isinstance(self.epochs, int):  # frozen: resolve it here
             rounds = self.rounds if isinstance(self.rounds, int) else 1
             object.__setattr__(
                 self, "epochs_per_round", default_epochs_per_round(self.epochs, rounds)
@@ -112,8 +113,9 @@ class CompareConfig:
         assert self.epochs_per_round is not None  # checked above
         if self.rounds * self.epochs_per_round >= self.epochs:
             raise ValueError(
-                f"rounds × epochs_per_round ({self.rounds} × {self.epochs_per_round}) must be "
-                f"below epochs ({self.epochs}): the last phase needs at least one epoch"
+                f"rounds × epochs_per_round ({self.rounds} × {self.epochs_per_round}"
+                f"{', its default' if defaulted else ''}) must be below epochs ({self.epochs}): "
+                "the last phase needs at least one epoch"
             )
         if self.tune_trials > len(self.lr_grid):
             raise ValueError(
