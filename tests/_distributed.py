@@ -45,8 +45,11 @@ def _entry(rank: int, world: int, folder: str, fn_name: str, args: tuple[Any, ..
     try:
         out = globals()[fn_name](rank, world, *args)
         torch.save(out, Path(folder) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        sgdist.shutdown()
+        raise
+    # tear down together, as the CLI does: a rank that left alone sometimes died with SIGABRT
+    sgdist.shutdown(together=True)
 
 
 # ---------------------------------------------------------------------------------------------
