@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -46,6 +47,31 @@ def test_grow_records_every_round_and_grows(digits: data.Dataset) -> None:
     last = res.history[-1]
     assert 0 <= last["val_accuracy"] <= 1 and math.isfinite(last["val_loss"])
     assert isinstance(last["twins"], int) and last["flops"] > res.history[0]["flops"]
+
+
+def test_line_search_traces_the_model_once(
+    digits: data.Dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ε line search splits one model once per grid point; it reuses the round's analysis of
+    the model, so it costs no torch.fx trace beyond what a fixed ε costs."""
+    analyze_module = importlib.import_module("splitgrow.graph.analyze")  # not the function
+    traces = [0]
+    original = analyze_module.trace
+
+    def counted(model: torch.nn.Module) -> torch.fx.GraphModule:
+        traces[0] += 1
+        return original(model)
+
+    monkeypatch.setattr(analyze_module, "trace", counted)
+    train = digits.train.batches(128)[:2]
+    counts = {}
+    for mode in ("fixed", "line-search"):
+        traces[0] = 0
+        cfg = GrowConfig(rounds=2, epochs_per_round=1, grow_ratio=0.5, eps_mode=mode)
+        res = grow(_model(digits, "mlp", (3, 3)), train, loss_fn=F.cross_entropy, config=cfg)
+        assert all(sum(r["split"].values()) >= 1 for r in res.history[:-1]), mode
+        counts[mode] = traces[0]
+    assert len(cfg.eps_grid) == 6 and counts["line-search"] == counts["fixed"] > 0
 
 
 @pytest.mark.parametrize("eps_mode", ["fixed", "relative"])

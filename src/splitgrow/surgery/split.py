@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from splitgrow._attrs import optional_tensor, tensor
-from splitgrow.graph.analyze import LayerInfo, Segments, analyze
+from splitgrow.graph.analyze import LayerInfo, ModelStructure, Segments, analyze
 from splitgrow.surgery.handlers import surgery_for
 
 Plan = Mapping[str, tuple[Tensor, Tensor]]
@@ -235,9 +235,21 @@ def signed_split_with_growth(
         TypeError/ValueError: naming the bad layer, index, shape or value; a first-order term
             s·a + (1 − s)·b that does not vanish.
     """
+    return signed_split_traced(model, analyze(model), plan, eps=eps)
+
+
+def signed_split_traced(
+    model: nn.Module,
+    structure: ModelStructure,
+    plan: Mapping[str, SignedSplit],
+    *,
+    eps: float | Mapping[str, float | Tensor],
+) -> tuple[nn.Module, GrowthMap]:
+    """:func:`signed_split_with_growth` with ``structure`` = ``analyze(model)`` already at hand
+    (a line search splits one model many times; tracing it once saves a trace per split).
+    ``structure`` must be the analysis of this very model, unchanged since."""
     if not isinstance(plan, Mapping):
         raise TypeError(f"plan must be a mapping of layer name to SignedSplit, got {plan!r}")
-    structure = analyze(model)
     ref = next(iter(model.parameters()))
     entries = {}
     for name, entry in plan.items():

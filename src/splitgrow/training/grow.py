@@ -38,7 +38,7 @@ from splitgrow.surgery.split import (
     GrowthMap,
     SignedSplit,
     offspring_pairs,
-    signed_split_with_growth,
+    signed_split_traced,
     split_with_growth,
 )
 from splitgrow.training.fit import (
@@ -751,8 +751,9 @@ def _split_round(
         return [_Split(new, growth, pairs, fresh=True)]
     stages = []
     if plan.split:
-        layers = analyze(model).layers
-        new, growth = signed_split_with_growth(model, plan.split, eps=plan.eps)
+        structure = analyze(model)
+        layers = structure.layers
+        new, growth = signed_split_traced(model, structure, plan.split, eps=plan.eps)
         record["split"] = {k: int(e.idx.numel()) for k, e in plan.split.items()}
         pairs = {k: offspring_pairs(layers[k].n, e.idx) for k, e in plan.split.items()}
         stages.append(_Split(new, growth, pairs, fresh=False))
@@ -967,8 +968,8 @@ def _select(
         best = (math.inf, cfg.eps_grid[0])
         probe = list(eigen_data)[:1]
         for factor in cfg.eps_grid:
-            trial, _ = signed_split_with_growth(
-                model, plan, eps={k: factor * norms[k] for k in plan}
+            trial, _ = signed_split_traced(
+                model, structure, plan, eps={k: factor * norms[k] for k in plan}
             )
             loss = evaluate(trial, probe, loss_fn, "regression")["loss"]
             best = min(best, (loss, factor))
