@@ -78,6 +78,12 @@ def main() -> None:
     p.add_argument(
         "--final-shrink", type=float, default=None, help="override final_shrink (λ in [0, 1])"
     )
+    p.add_argument(
+        "--eigen-samples",
+        default=None,
+        metavar="N",
+        help="override eigen_samples (a number, or 'all')",
+    )
     p.add_argument("--tag", default="", help="suffix of the result file and run directory")
     p.add_argument("--device", default="cpu")
     p.add_argument("--methods", nargs="+", default=None, help="only these methods")
@@ -95,6 +101,9 @@ def main() -> None:
         for key in ("rounds", "epochs_per_round", "final_shrink"):
             if getattr(args, key) is not None:
                 fields[key] = getattr(args, key)
+        if args.eigen_samples is not None:
+            every = args.eigen_samples.lower() == "all"
+            fields["eigen_samples"] = None if every else int(args.eigen_samples)
         if args.quick:
             fields.update(seeds=1, epochs=6, rounds=2, epochs_per_round=2, tune_trials=1,
                           nas_trials=2)  # fmt: skip

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from splitgrow import data
-from splitgrow.cli import main
+from splitgrow.cli import _parser, main
 from splitgrow.compare import METHODS, CompareConfig, run_compare
+from splitgrow.compare import methods as methods_module
 from splitgrow.compare.methods import fit_shares, uniform_widths
 from splitgrow.metrics import parameter_count
 from splitgrow.models import Architecture
@@ -112,11 +114,40 @@ def test_the_default_schedule_gives_growth_a_third_of_the_epochs(
         ({"tune_trials": 4}, "tune_trials 4 > 3 rates"),
         ({"prune_wide": 1.0}, "prune_wide must be above 1"),
         ({"seeds": 0}, "seeds must be a positive integer"),
+        ({"eigen_samples": 0}, "eigen_samples must be a positive integer or None"),
     ],
 )
 def test_config_errors(kwargs: dict, words: str) -> None:
     with pytest.raises(ValueError, match=words.replace("[", r"\[").replace("]", r"\]")):
         CompareConfig(**kwargs)
+
+
+def test_growth_methods_split_on_eigen_samples(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every growth method computes its splitting statistics over ``eigen_samples`` training
+    samples (None: all of them); the others never grow."""
+    seen: list[tuple[str, int]] = []
+    original = methods_module.grow
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        res = original(*args, **kwargs)
+        cfg = kwargs["config"]
+        seen.extend((cfg.directions, r["eigen_samples"]) for r in res.history if "split" in r)
+        return res
+
+    monkeypatch.setattr(methods_module, "grow", spy)
+    n = len(data.load("digits").train)
+    for samples, expected in ((100, 100), (None, n)):
+        seen.clear()
+        cfg = CompareConfig(
+            model="mlp", widths=[4, 4], budget_params=1200,
+            **{**TINY, "seeds": 1, "tune_trials": 1}, eigen_samples=samples,
+            methods=["s2d", "random-split", "uniform"],
+        )  # fmt: skip
+        run_compare(cfg, tmp_path / str(samples), progress=False)
+        assert {d for d, _ in seen} == {"eigen", "random"}
+        assert {k for _, k in seen} == {expected}
 
 
 def test_compare_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -127,8 +158,14 @@ def test_compare_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "| s2d | " in printed and "| uniform | " in printed and str(out) in printed
+    assert json.loads((out / "config.json").read_text())["eigen_samples"] == 2048
     assert main(argv) == 2  # the run directory is not overwritten
     assert "already holds files" in capsys.readouterr().err
     assert main([*argv[:8], "20", *argv[9:], "--overwrite"]) == 2  # budget below the start
     assert "smaller than the starting model" in capsys.readouterr().err
+    every = _parser().parse_args(["compare", "--budget-params", "9", "--eigen-samples", "All"])
+    assert every.eigen_samples is None
+    assert main([*argv, "--overwrite", "--eigen-samples", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--eigen-samples: expected a positive integer or 'all', got '0'" in err
     assert torch.__version__

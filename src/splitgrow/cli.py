@@ -112,6 +112,18 @@ def _shrink(text: str) -> float | None:
     return value
 
 
+def _samples(text: str) -> int | None:
+    """A positive number of samples, or 'all' (``None``)."""
+    if text.lower() == "all":
+        return None
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer or 'all', got {text!r}"
+        ) from None
+
+
 def _option(text: str) -> tuple[str, Any]:
     """``KEY=VALUE``: VALUE as JSON (a number, true/false, null), else as text."""
     key, sep, value = text.partition("=")
@@ -174,7 +186,10 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     g.add_argument("--directions", default="eigen", choices=["eigen", "random", "net2net", "fresh"])
     g.add_argument("--selection", default="per-layer", choices=["per-layer", "global", "energy"])
-    g.add_argument("--eigen-samples", type=_positive_int, default=None)
+    g.add_argument(
+        "--eigen-samples", type=_samples, default=GrowConfig.eigen_samples, metavar="N",
+        help="splitting statistics over at most N training samples ('all': every one)",
+    )  # fmt: skip
     g.add_argument(
         "--eigen-micro-batch", type=_positive_int, default=None,
         help="splitting statistics in slices of at most this many samples (less memory)",
@@ -260,6 +275,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--final-shrink", type=_shrink, default=0.3, metavar="LAMBDA",
         help="growth methods: shrink and perturb before the last phase ('none': off)",
+    )  # fmt: skip
+    c.add_argument(
+        "--eigen-samples", type=_samples, default=CompareConfig.eigen_samples, metavar="N",
+        help="growth methods: splitting statistics over at most N training samples ('all')",
     )  # fmt: skip
     c.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
     c.add_argument("--lr-grid", type=_positive_float, nargs="+", default=[0.02, 0.05, 0.1])
@@ -618,7 +637,8 @@ def _compare_on(args: argparse.Namespace) -> int:
         budget_params=args.budget_params, methods=args.methods or list(METHODS),
         seeds=args.seeds, epochs=args.epochs, rounds=args.rounds,
         epochs_per_round=args.epochs_per_round, grow_ratio=args.grow_ratio,
-        final_shrink=args.final_shrink, optimizer=args.optimizer, lr_grid=args.lr_grid,
+        final_shrink=args.final_shrink, eigen_samples=args.eigen_samples,
+        optimizer=args.optimizer, lr_grid=args.lr_grid,
         tune_trials=min(args.tune_trials, len(args.lr_grid)), batch_size=args.batch_size,
         nas_trials=args.nas_trials, prune_wide=args.prune_wide,
         data_dir=None if args.data_dir is None else str(args.data_dir), device=args.device,

@@ -75,6 +75,9 @@ class CompareConfig:
     epochs_per_round: int | None = None
     grow_ratio: float = 0.5  # a cap per round: growth is spread to reach the budget
     final_shrink: float | None = 0.3  # growth methods: GrowConfig.final_shrink (None: off)
+    # growth methods: the splitting statistics over at most this many training samples
+    # (GrowConfig.eigen_samples, the same default; None: all)
+    eigen_samples: int | None = 2048
     optimizer: str = "sgd"
     lr_grid: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.1])
     tune_trials: int = 3  # rates of the grid tried per method (the first ones)
@@ -126,6 +129,14 @@ class CompareConfig:
         if not 0 < self.grow_ratio <= 1:
             raise ValueError(f"grow_ratio must be in (0, 1], got {self.grow_ratio}")
         check_final_shrink(self.final_shrink)
+        if self.eigen_samples is not None and (
+            isinstance(self.eigen_samples, bool)
+            or not isinstance(self.eigen_samples, int)
+            or self.eigen_samples < 1
+        ):
+            raise ValueError(
+                f"eigen_samples must be a positive integer or None, got {self.eigen_samples!r}"
+            )
         if not self.prune_wide > 1:
             raise ValueError(f"prune_wide must be above 1, got {self.prune_wide}")
         if not 0 < self.prune_finetune < 1:
@@ -159,8 +170,8 @@ def make_setting(cfg: CompareConfig) -> Setting:
     return Setting(
         data=data, arch=arch, budget=cfg.budget_params, epochs=cfg.epochs, rounds=cfg.rounds,
         epochs_per_round=cfg.epochs_per_round, grow_ratio=cfg.grow_ratio,
-        final_shrink=cfg.final_shrink, optimizer=cfg.optimizer, batch_size=cfg.batch_size,
-        nas_trials=cfg.nas_trials,
+        final_shrink=cfg.final_shrink, eigen_samples=cfg.eigen_samples, optimizer=cfg.optimizer,
+        batch_size=cfg.batch_size, nas_trials=cfg.nas_trials,
         prune_wide=cfg.prune_wide, prune_finetune=cfg.prune_finetune,
         slim_penalty=cfg.slim_penalty, device=torch.device(cfg.device), loss_fn=F.cross_entropy,
     )  # fmt: skip

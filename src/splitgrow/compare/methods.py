@@ -45,6 +45,7 @@ class Setting:
     epochs_per_round: int  # growth: epochs between splits (the rest trains after the last)
     grow_ratio: float
     final_shrink: float | None  # growth methods: shrink and perturb before the last phase
+    eigen_samples: int | None  # growth methods: splitting statistics over this many samples
     optimizer: str
     batch_size: int
     nas_trials: int  # candidates per search
@@ -140,7 +141,7 @@ def _growth(
         optimizer=s.optimizer, lr=lr, batch_size=s.batch_size, grow_ratio=s.grow_ratio,
         method=method, directions=directions, counts=counts, budget_params=s.budget, seed=seed,
         reach_budget=counts is None, strategy=strategy, selection=selection,
-        final_shrink=s.final_shrink,
+        final_shrink=s.final_shrink, eigen_samples=s.eigen_samples,
     )  # fmt: skip
     trajectory: list[tuple[int, float]] = []
     eval_s = [0.0]

@@ -89,7 +89,12 @@ class GrowConfig:
     counts: list[dict[str, int]] | None = None
     batchnorm: str = "running"  # BatchNorm statistics of the splitting matrices
     surrogate_beta: float | None = 3.0  # softplus β of the ReLU-like surrogate (None: exact)
-    eigen_samples: int | None = None  # splitting matrices over this many training samples
+    # the splitting statistics over at most this many training samples, one shuffle drawn per run
+    # (None: all). A round's statistics cost several epochs over the samples they read (R of
+    # benchmarks/eigen_cost.py), so on a large data set all of them would cost more than the
+    # training; against all samples (10 seeds) 2048 of MNIST-1D's 3500 is within 0.1 point on
+    # the MLP and the 1-D CNN (benchmarks/results/eigen_samples.md)
+    eigen_samples: int | None = 2048
     # splitting statistics in slices of at most this many samples: the same eigenpairs (up to
     # rounding) with the memory of a pass over that many (splitting_eigen's micro_batch; needs
     # batchnorm "running")
@@ -529,7 +534,7 @@ def grow(
 
     example = train_data[0][0]
     eigen_data = list(train_data)
-    if cfg.eigen_samples is not None:
+    if cfg.eigen_samples is not None and len(split) > cfg.eigen_samples:
         eigen_data, n = [], 0
         for x, y in batches_of(-1)(0):  # a shuffle of its own
             eigen_data.append((x[: cfg.eigen_samples - n], y[: cfg.eigen_samples - n]))
@@ -730,6 +735,7 @@ def _split_round(
         )  # fmt: skip
         cands = strategy.candidates(ctx)
         faults.reached("split")
+        record["eigen_samples"] = sum(len(y) for _, y in eigen_data)  # every process's, summed
         record.update(cands.record)
         if distributed:
             device = next(model.parameters()).device
