@@ -158,7 +158,7 @@ def test_compare_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "| s2d | " in printed and "| uniform | " in printed and str(out) in printed
-    assert json.loads((out / "config.json").read_text())["eigen_samples"] == 2048
+    assert json.loads((out / "config.json").read_text())["eigen_samples"] == 4096
     assert main(argv) == 2  # the run directory is not overwritten
     assert "already holds files" in capsys.readouterr().err
     assert main([*argv[:8], "20", *argv[9:], "--overwrite"]) == 2  # budget below the start

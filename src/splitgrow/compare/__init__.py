@@ -77,7 +77,7 @@ class CompareConfig:
     final_shrink: float | None = 0.3  # growth methods: GrowConfig.final_shrink (None: off)
     # growth methods: the splitting statistics over at most this many training samples
     # (GrowConfig.eigen_samples, the same default; None: all)
-    eigen_samples: int | None = 2048
+    eigen_samples: int | None = 4096
     optimizer: str = "sgd"
     lr_grid: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.1])
     tune_trials: int = 3  # rates of the grid tried per method (the first ones)

@@ -92,9 +92,10 @@ class GrowConfig:
     # the splitting statistics over at most this many training samples, one shuffle drawn per run
     # (None: all). A round's statistics cost several epochs over the samples they read (R of
     # benchmarks/eigen_cost.py), so on a large data set all of them would cost more than the
-    # training; against all samples (10 seeds) 2048 of MNIST-1D's 3500 is within 0.1 point on
-    # the MLP and the 1-D CNN (benchmarks/results/eigen_samples.md)
-    eigen_samples: int | None = 2048
+    # training. 4096 reads all of digits (1294) and MNIST-1D (3500); against all (10 seeds), 2048
+    # of MNIST-1D's samples lost 0.1 point on the MLP and the 1-D CNN, 512 lost 0.2–0.6
+    # (benchmarks/results/eigen_samples.md)
+    eigen_samples: int | None = 4096
     # splitting statistics in slices of at most this many samples: the same eigenpairs (up to
     # rounding) with the memory of a pass over that many (splitting_eigen's micro_batch; needs
     # batchnorm "running")
