@@ -67,6 +67,15 @@ def machine() -> str:
     )
 
 
+def samples(text: str) -> int | str:
+    """A positive number of samples, or 'all'."""
+    if text.lower() == "all":
+        return "all"
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}")
+    return int(text)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("setting", choices=[*SETTINGS, "all"])
@@ -80,9 +89,10 @@ def main() -> None:
     )
     p.add_argument(
         "--eigen-samples",
+        type=samples,
         default=None,
         metavar="N",
-        help="override eigen_samples (a number, or 'all')",
+        help="override eigen_samples (a positive number, or 'all')",
     )
     p.add_argument("--tag", default="", help="suffix of the result file and run directory")
     p.add_argument("--device", default="cpu")
@@ -102,8 +112,7 @@ def main() -> None:
             if getattr(args, key) is not None:
                 fields[key] = getattr(args, key)
         if args.eigen_samples is not None:
-            every = args.eigen_samples.lower() == "all"
-            fields["eigen_samples"] = None if every else int(args.eigen_samples)
+            fields["eigen_samples"] = None if args.eigen_samples == "all" else args.eigen_samples
         if args.quick:
             fields.update(seeds=1, epochs=6, rounds=2, epochs_per_round=2, tune_trials=1,
                           nas_trials=2)  # fmt: skip

@@ -187,3 +187,18 @@ def test_crafted_or_broken_checkpoints_are_refused(
     (out / "config.json").write_text(json.dumps(config))
     assert main(["grow", "--resume", str(out)]) == 0
     _assert_same_run(reference, out)
+
+
+def test_resume_keeps_a_setting_whose_default_changed_since(tmp_path: Path) -> None:
+    """A run started before ``--eigen-samples`` defaulted to 4096 (its saved command has no such
+    option, and it ran on all samples) resumes with the value it ran with, not today's default."""
+    out = tmp_path / "run"
+    argv = ["grow", *ARGS, "--rounds", "1", "--out", str(out)]
+    assert main([*argv, "--eigen-samples", "all"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["cli"]["eigen_samples"] is None and config["grow"]["eigen_samples"] is None
+    config["argv"] = [a for a in config["argv"] if a not in ("--eigen-samples", "all")]
+    (out / "config.json").write_text(json.dumps(config))
+    before = json.loads((out / "results.json").read_text())
+    assert main(["grow", "--resume", str(out)]) == 0  # exit 2 ("other settings") before
+    assert strip_seconds(json.loads((out / "results.json").read_text())) == strip_seconds(before)

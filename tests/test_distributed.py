@@ -129,6 +129,7 @@ def _same_history(got: list[dict[str, Any]], ref: list[dict[str, Any]]) -> None:
     assert len(got) == len(ref)
     for g, r in zip(got, ref, strict=True):
         assert g.get("split") == r.get("split") and g["params"] == r["params"]
+        assert g.get("eigen_samples") == r.get("eigen_samples")
         assert (g.get("eps") is None) == (r.get("eps") is None)
         assert g.get("eps", 0.0) == pytest.approx(r.get("eps", 0.0), rel=1e-9)
         assert g["epoch_losses"] == pytest.approx(r["epoch_losses"], rel=1e-9)
@@ -146,6 +147,8 @@ def test_grow_on_two_processes_equals_one(
 ) -> None:
     ref_state, ref_history, _, _ = single[name]
     assert sum(1 for r in ref_history if r.get("split")) == 2  # both rounds split
+    subset = {"exact": 97, "fast": 61}[name]  # fast: a drawn subset, shared out among the ranks
+    assert [r["eigen_samples"] for r in ref_history if "split" in r] == [subset, subset]
     sums = set()
     for ranks in grow_ranks:
         state, history, checksum, _ = ranks[name]

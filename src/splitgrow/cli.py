@@ -347,7 +347,8 @@ def _saved_args(folder: Path, argv: Sequence[str], given: argparse.Namespace) ->
         raise UsageError(f"--resume {folder}: no such run directory")
     config_path = folder / "config.json"
     try:
-        saved = json.loads(config_path.read_text())["argv"]
+        stored = json.loads(config_path.read_text())
+        saved = stored["argv"]
         if not isinstance(saved, list) or not all(isinstance(a, str) for a in saved):
             raise TypeError("argv is not a list of strings")
     except FileNotFoundError:
@@ -362,6 +363,19 @@ def _saved_args(folder: Path, argv: Sequence[str], given: argparse.Namespace) ->
         raise UsageError(f"--resume {folder}: the saved command is not valid: {exc}") from exc
     if args.command != "grow" or args.resume is not None:
         raise UsageError(f"--resume {folder}: {config_path} does not hold a grow command")
+    # an option the saved command left out takes the value the run used (config.json's "cli",
+    # where it is plain), not this version's default: eigen_samples was all samples before it
+    # became 4096. The saved command's own options stand as given.
+    used = stored.get("cli")
+    plain = (type(None), bool, int, float, str)
+    given_keys = {o.lstrip("-").replace("-", "_") for o in _given_options(saved)}
+    for key, value in used.items() if isinstance(used, dict) else ():
+        if key in ("command", "out", "resume") or key in given_keys or not hasattr(args, key):
+            continue
+        current = getattr(args, key)
+        same_kind = value is None or current is None or type(value) is type(current)
+        if isinstance(value, plain) and isinstance(current, plain) and same_kind:
+            setattr(args, key, value)
     args.out, args.resume = folder, folder
     if "--device" in _given_options(argv):
         args.device = given.device

@@ -9,7 +9,8 @@ and the growth schedule each gain only a few lines:
 * :func:`shard_batch` and :func:`shard_samples` give each process its contiguous part of a batch
   or of a list of batches; the union over the processes is exactly the whole.
 * :func:`sum_statistics` all-reduces (sums) the splitting statistics and sample counts, so every
-  process gets the eigenpairs of the whole data set (DESIGN.md §1: expectations over all samples).
+  process gets the eigenpairs of all the shares together, as one process would over the same
+  samples (DESIGN.md §1: expectations over all samples).
 * :func:`from_main` runs a decision on rank 0 and broadcasts it (or its exception) to every rank.
 * :func:`checksum` and :func:`all_agree` check that every rank holds the same model.
 

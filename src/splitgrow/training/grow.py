@@ -89,12 +89,12 @@ class GrowConfig:
     counts: list[dict[str, int]] | None = None
     batchnorm: str = "running"  # BatchNorm statistics of the splitting matrices
     surrogate_beta: float | None = 3.0  # softplus β of the ReLU-like surrogate (None: exact)
-    # the splitting statistics over at most this many training samples, one shuffle drawn per run
-    # (None: all). A round's statistics cost several epochs over the samples they read (R of
-    # benchmarks/eigen_cost.py), so on a large data set all of them would cost more than the
-    # training. 4096 reads all of digits (1294) and MNIST-1D (3500); against all (10 seeds), 2048
-    # of MNIST-1D's samples lost 0.1 point on the MLP and the 1-D CNN, 512 lost 0.2–0.6
-    # (benchmarks/results/eigen_samples.md)
+    # the splitting statistics over at most this many training samples (None: all): when the
+    # data has more, one shuffle drawn per run picks them, the same every round. A round's
+    # statistics cost several epochs over the samples they read (R of benchmarks/eigen_cost.py),
+    # so on a large data set all of them would cost more than the training. 4096 reads all of
+    # digits (1294) and MNIST-1D (3500); against all (10 seeds), 2048 of MNIST-1D's samples lost
+    # 0.1 point on the MLP and the 1-D CNN, 512 lost 0.2–0.6 (benchmarks/results/eigen_samples.md)
     eigen_samples: int | None = 4096
     # splitting statistics in slices of at most this many samples: the same eigenpairs (up to
     # rounding) with the memory of a pass over that many (splitting_eigen's micro_batch; needs
@@ -736,7 +736,7 @@ def _split_round(
         )  # fmt: skip
         cands = strategy.candidates(ctx)
         faults.reached("split")
-        record["eigen_samples"] = sum(len(y) for _, y in eigen_data)  # every process's, summed
+        record["eigen_samples"] = sum(len(y) for _, y in eigen_data)  # all processes' shares
         record.update(cands.record)
         if distributed:
             device = next(model.parameters()).device
