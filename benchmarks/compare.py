@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from splitgrow.cli import _samples as cli_samples
 from splitgrow.compare import CompareConfig, run_compare
 
 #: name → CompareConfig fields. Budgets follow ../shared/anchors (MNIST-1D MLP ≤ 6000 parameters,
@@ -67,15 +68,6 @@ def machine() -> str:
     )
 
 
-def samples(text: str) -> int | str:
-    """A positive number of samples, or 'all'."""
-    if text.lower() == "all":
-        return "all"
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}")
-    return int(text)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("setting", choices=[*SETTINGS, "all"])
@@ -87,10 +79,10 @@ def main() -> None:
     p.add_argument(
         "--final-shrink", type=float, default=None, help="override final_shrink (λ in [0, 1])"
     )
-    p.add_argument(
+    p.add_argument(  # absent unless given ('all' gives None)
         "--eigen-samples",
-        type=samples,
-        default=None,
+        type=cli_samples,
+        default=argparse.SUPPRESS,
         metavar="N",
         help="override eigen_samples (a positive number, or 'all')",
     )
@@ -111,8 +103,8 @@ def main() -> None:
         for key in ("rounds", "epochs_per_round", "final_shrink"):
             if getattr(args, key) is not None:
                 fields[key] = getattr(args, key)
-        if args.eigen_samples is not None:
-            fields["eigen_samples"] = None if args.eigen_samples == "all" else args.eigen_samples
+        if "eigen_samples" in vars(args):
+            fields["eigen_samples"] = args.eigen_samples
         if args.quick:
             fields.update(seeds=1, epochs=6, rounds=2, epochs_per_round=2, tune_trials=1,
                           nas_trials=2)  # fmt: skip

@@ -103,11 +103,15 @@ class CompareConfig:
             raise ValueError(f"methods are listed twice: {self.methods}")
         if self.model not in MODELS:
             raise ValueError(f"unknown model {self.model!r}; choose from {', '.join(MODELS)}")
+        optional = ("eigen_samples",)  # None allowed
         for name in ("budget_params", "seeds", "epochs", "epochs_per_round", "batch_size",
-                     "nas_trials", "tune_trials"):  # fmt: skip
+                     "nas_trials", "tune_trials", *optional):  # fmt: skip
             value = getattr(self, name)
+            if value is None and name in optional:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                also = " or None" if name in optional else ""
+                raise ValueError(f"{name} must be a positive integer{also}, got {value!r}")
         if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 0:
             raise ValueError(f"rounds must be a non-negative integer, got {self.rounds!r}")
         growing = [m for m in self.methods if m in GROWTH_METHODS]
@@ -129,14 +133,6 @@ class CompareConfig:
         if not 0 < self.grow_ratio <= 1:
             raise ValueError(f"grow_ratio must be in (0, 1], got {self.grow_ratio}")
         check_final_shrink(self.final_shrink)
-        if self.eigen_samples is not None and (
-            isinstance(self.eigen_samples, bool)
-            or not isinstance(self.eigen_samples, int)
-            or self.eigen_samples < 1
-        ):
-            raise ValueError(
-                f"eigen_samples must be a positive integer or None, got {self.eigen_samples!r}"
-            )
         if not self.prune_wide > 1:
             raise ValueError(f"prune_wide must be above 1, got {self.prune_wide}")
         if not 0 < self.prune_finetune < 1:
