@@ -212,7 +212,13 @@ def sum_statistics(sums: dict[str, Tensor], total: int, device: torch.device) ->
             "one batch"
         )
     for name in sorted(sums):
-        dist.all_reduce(sums[name])
+        t = sums[name]
+        if t.is_contiguous():
+            dist.all_reduce(t)
+        else:  # NCCL refuses strided tensors (a permuted product, a QR factor); gloo does not
+            summed = t.contiguous()
+            dist.all_reduce(summed)
+            t.copy_(summed)
     return sum(int(c) for c in counts)
 
 

@@ -343,9 +343,9 @@ def _split(
                     modules[member.name], idx, half[:, part]
                 )
                 if not symmetric:  # both rows move by the mean offset as well
-                    both = torch.cat([idx, torch.arange(info.n, info.n + idx.numel())])
+                    copies = torch.arange(info.n, info.n + idx.numel(), device=idx.device)
                     _shift_rows(
-                        modules[member.name], both.to(ref.device), mean[:, part].repeat(2, 1)
+                        modules[member.name], torch.cat([idx, copies]), mean[:, part].repeat(2, 1)
                     )
                 grew(member.name, 0, rows)
         for module, segments in per_channel.items():
