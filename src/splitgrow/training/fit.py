@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,26 @@ def make_optimizer(
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model`` lives: its first parameter's (or buffer's) device; the CPU without any."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def on_device(batches: Sequence[Any], device: torch.device) -> list[Any]:
+    """``batches`` with the tensors of each ``(input, target)`` pair on ``device`` (those already
+    there are not copied); anything else is left as it is, for :func:`check_data` to name."""
+    return [
+        (tuple if isinstance(b, tuple) else list)(
+            t.to(device) if isinstance(t, Tensor) else t for t in b
+        )
+        if isinstance(b, (tuple, list))
+        else b
+        for b in batches
+    ]
 
 
 def check_data(
@@ -81,7 +102,7 @@ def check_data(
             )
     try:
         with eval_mode(model), torch.no_grad():
-            out = model(batches[0][0][:1])
+            out = model(batches[0][0][:1].to(model_device(model)))
     except Exception as exc:
         raise ValueError(
             f"{name}: samples of shape {shape} do not fit the model: {first_line(exc)}"
@@ -101,10 +122,12 @@ def evaluate(
     model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], loss_fn: LossFn, task: str
 ) -> dict[str, float]:
     """Mean loss (weighted by batch size) and, for classification, accuracy. Eval mode inside;
-    the model's flags are restored."""
+    the model's flags are restored. Each batch is moved to the model's device."""
     total = loss_sum = correct = 0.0
+    device = model_device(model)
     with eval_mode(model):
         for x, y in batches:
+            x, y = x.to(device), y.to(device)
             out = model(x)
             loss_sum += float(loss_fn(out, y)) * len(y)
             if task == "classification":
@@ -173,7 +196,8 @@ def train_phase(
     Args:
         epoch_batches: ``epoch_batches(e)`` returns epoch ``e``'s batches. It must return the
             same batches for the same ``e`` (a resumed phase asks for its epoch again), and
-            the same number of batches for every ``e``.
+            the same number of batches for every ``e``. Each batch is moved to the model's
+            device (no copy where it already is).
         schedule: ``"cosine"`` (from the optimizer's lr to 0 over the phase) or ``"constant"``.
         plateau: end the phase early when the epoch's mean training loss improves on the best so
             far by less than this fraction of it (``None``: never).
@@ -214,6 +238,7 @@ def train_phase(
         return phase
     sgdist.require(distributed, "train_phase")
     net = sgdist.ddp(model) if distributed else model
+    device = model_device(model)
     model.train()
     bar = tqdm(
         total=epochs,
@@ -228,6 +253,7 @@ def train_phase(
             total_steps = epochs * max(1, len(batches))
             snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
             for x, y in batches[phase.batch :]:
+                x, y = x.to(device), y.to(device)  # no copy where they already are
                 if schedule == "cosine":
                     for g, lr in zip(optimizer.param_groups, base, strict=True):
                         g["lr"] = 0.5 * lr * (1 + math.cos(math.pi * phase.step / total_steps))

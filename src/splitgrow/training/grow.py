@@ -47,6 +47,8 @@ from splitgrow.training.fit import (
     check_data,
     evaluate,
     make_optimizer,
+    model_device,
+    on_device,
     train_phase,
 )
 
@@ -423,10 +425,10 @@ def check_final_shrink(value: Any) -> None:
 
 def _shrink_perturb(model: nn.Module, lam: float, seed: int) -> None:
     """θ ← λ·θ + (1 − λ)·θ_fresh in place, θ_fresh from each module's ``reset_parameters`` under
-    ``seed`` (the global RNG is left as it was); buffers (BatchNorm statistics) are kept."""
-    fresh = copy.deepcopy(model)
-    device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    ``seed`` (the global RNG is left as it was); buffers (BatchNorm statistics) are kept.
+    θ_fresh is drawn on the CPU, so a model on a GPU gets the same one."""
+    fresh = copy.deepcopy(model).cpu()
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for m in fresh.modules():
             reset = getattr(m, "reset_parameters", None)
@@ -434,7 +436,7 @@ def _shrink_perturb(model: nn.Module, lam: float, seed: int) -> None:
                 reset()
     with torch.no_grad():
         for p, q in zip(model.parameters(), fresh.parameters(), strict=True):
-            p.mul_(lam).add_(q, alpha=1.0 - lam)
+            p.mul_(lam).add_(q.to(p.device), alpha=1.0 - lam)
 
 
 def _twins(model: nn.Module, pairs: Mapping[str, Sequence[Sequence[int]]]) -> int:
@@ -473,9 +475,10 @@ def grow(
         model: the starting network (it is trained in place, then replaced by grown copies).
             To resume, pass a model built exactly as the first time (its values do not matter).
         train_data: training ``(input, target)`` batches (re-batched and reshuffled every epoch:
-            epoch ``e`` of round ``r`` gets its own order, from the seed, ``r`` and ``e``).
+            epoch ``e`` of round ``r`` gets its own order, from the seed, ``r`` and ``e``); moved
+            once to the model's device.
         loss_fn: mean loss of a batch.
-        val_data: optional validation batches, evaluated after every phase.
+        val_data: optional validation batches, evaluated after every phase (moved likewise).
         task: ``"classification"`` (accuracy is reported) or ``"regression"``.
         config: the settings (:class:`GrowConfig`).
         on_record: called with each history record as it is made and the model as that phase
@@ -517,8 +520,11 @@ def grow(
         raise ValueError(
             "budget_latency_ms is measured per process, so it cannot steer a distributed run"
         )
+    device = model_device(model)  # the data follows the model, moved once
+    train_data = on_device(train_data, device)
     check_data(train_data, model, task, "train_data")
     if val_data:
+        val_data = on_device(val_data, device)
         check_data(val_data, model, task, "val_data")
     split = Split(torch.cat([b[0] for b in train_data]), torch.cat([b[1] for b in train_data]))
     if distributed and len(split) < sgdist.world_size():
@@ -548,7 +554,6 @@ def grow(
         if distributed
         else eigen_data
     )
-    device = example.device
     history: list[dict[str, Any]] = []
     plans: list[dict[str, list[int]]] = []
     pairs: dict[str, list[list[int]]] = {}
