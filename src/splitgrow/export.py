@@ -10,6 +10,7 @@ comparing outputs on a batch of another size than the one traced.
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import tempfile
@@ -85,11 +86,13 @@ def export_model(
 ) -> float:  # fmt: skip
     """Write ``model`` to ``path`` in format ``fmt`` and check it against PyTorch.
 
-    The model (float32, CPU) is traced on a batch of 2 and compared on a seeded standard-normal
-    batch of ``test_batch`` samples; the file is written atomically, and only once it matches.
+    A float32 copy of the model on the CPU is traced on a batch of 2 and compared on a seeded
+    standard-normal batch of ``test_batch`` samples; the file is written atomically, and only
+    once it matches.
 
     Args:
-        model: a float32 model on the CPU (its mode is restored).
+        model: the model, on any device and in any floating dtype: a float32 copy of it on the
+            CPU is what is exported and compared (the model itself is left as it was).
         in_shape: the shape of one sample.
         path: the file to write.
         fmt: ``"onnx"`` (checked with ONNX Runtime) or ``"torchscript"`` (``torch.jit.trace``,
@@ -110,6 +113,7 @@ def export_model(
         raise ValueError(f"test_batch must be a positive integer, got {test_batch!r}")
     path = Path(path)
     shape = tuple(int(s) for s in in_shape)
+    model = copy.deepcopy(model).to("cpu", torch.float32)
     gen = torch.Generator().manual_seed(seed)
     traced_on = torch.randn(2, *shape, generator=gen)
     x = torch.randn(test_batch, *shape, generator=gen)
