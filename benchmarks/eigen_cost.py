@@ -16,6 +16,8 @@ instead of iterating on the statistics kept from the first pass.
     .venv/bin/python benchmarks/eigen_cost.py --methods exact --subsets 64,128  # subset estimates
     .venv/bin/python benchmarks/eigen_cost.py --model resnet20 --methods auto,fast  # residual units
     .venv/bin/python benchmarks/eigen_cost.py --model cnn --width 128 --image 16  # d = 1153
+    python benchmarks/eigen_cost.py --device cuda   # on a GPU: CUDA-synchronised times, and the
+                                                    # peak of torch's allocated CUDA memory
 
 ``exact@k`` rows: exact matrices from a random subset of k of the N samples; their R is still
 against one training epoch over all N, and their agreement against exact over all N.
@@ -24,6 +26,7 @@ against one training epoch over all N, and their agreement against exact over al
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import statistics
@@ -78,10 +81,28 @@ def _status_mb(key: str) -> float:
     return float("nan")
 
 
-def _timed(fn: Callable[[], object]) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
     start = time.perf_counter()
     fn()
+    _sync(device)
     return time.perf_counter() - start
+
+
+def _cuda_peak(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak growth in MB of the CUDA memory that torch allocated while ``fn`` ran."""
+    _sync(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    _sync(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
 def _peak_growth(fn: Callable[[], object]) -> float:
@@ -133,8 +154,13 @@ def main() -> None:
         default=None,
         help="splitting_eigen's micro_batch: each batch in slices of this many samples",
     )
+    p.add_argument(
+        "--device", default="cpu", choices=["cpu", "cuda"],
+        help="where the model and data live; on cuda the peak is torch's allocated CUDA memory",
+    )  # fmt: skip
     p.add_argument("--peak-of", default="", help=argparse.SUPPRESS)  # one measurement, internal
     args = p.parse_args()
+    device = torch.device(args.device)
 
     torch.manual_seed(0)
     model: nn.Module = MobileNetV1Style(args.width)
@@ -143,8 +169,9 @@ def main() -> None:
         model = Architecture("resnet", list(MODELS["resnet"].default_widths), "relu", shape).build()
     elif args.model == "cnn":
         model = Architecture("cnn", [args.width] * 4, "relu", shape).build()
-    x = torch.randn(args.samples, *shape)
-    y = torch.randint(0, 10, (args.samples,))
+    model.to(device)
+    x = torch.randn(args.samples, *shape).to(device)
+    y = torch.randint(0, 10, (args.samples,)).to(device)
     batches = [
         (x[i : i + args.batch], y[i : i + args.batch]) for i in range(0, args.samples, args.batch)
     ]
@@ -174,7 +201,7 @@ def main() -> None:
         method, _, passes = method.partition("-")
         data = batches
         if size:  # exact on a random subset: R falls, and so may the agreement with all data
-            pick = order[: int(size)]
+            pick = order[: int(size)].to(device)
             data = [(x[pick], y[pick])]
         results[label] = splitgrow.splitting_eigen(
             model,
@@ -188,22 +215,37 @@ def main() -> None:
     if args.peak_of:
         print(_peak_growth(epoch if args.peak_of == "epoch" else lambda: run(args.peak_of)))
         return
-    for _ in range(args.repeats):
-        times["epoch"].append(_timed(epoch))
+    if device.type == "cuda":  # warm-up: kernels chosen and compiled, allocator primed
+        epoch()
         model.eval()
         for m in methods:
-            times[m].append(_timed(lambda m=m: run(m)))
-    peaks = {m: _peak_in_subprocess(m) for m in ["epoch", *methods]}
+            run(m)
+    for _ in range(args.repeats):
+        times["epoch"].append(_timed(epoch, device))
+        model.eval()
+        for m in methods:
+            times[m].append(_timed(lambda m=m: run(m), device))
+    if device.type == "cuda":
+        peaks = {m: _cuda_peak(lambda m=m: run(m), device) for m in methods}
+        peaks["epoch"] = _cuda_peak(epoch, device)
+        model.eval()
+    else:
+        peaks = {m: _peak_in_subprocess(m) for m in ["epoch", *methods]}
     t_epoch = statistics.median(times["epoch"])
     m_epoch = peaks["epoch"]
     exact = results.get("exact") or splitgrow.splitting_eigen(model, F.cross_entropy, batches)
+    exact = {k: dataclasses.replace(e, values=e.values.cpu()) for k, e in exact.items()}
     size = (
         "ResNet-20 (16/32/64)" if args.model == "resnet20" else f"{args.model}, width {args.width}"
     )
     size += f", {args.image}×{args.image} inputs"
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    )
     print(
-        f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads; {size}, N = {args.samples}, "
+        f"# torch {torch.__version__}, {where}; {size}, N = {args.samples}, "
         f"batch {args.batch}"
         + (f" in slices of {args.micro_batch}" if args.micro_batch else "")
         + f", median of {args.repeats}"
@@ -220,7 +262,7 @@ def main() -> None:
         for layer, e in results[m].items():
             ref = exact[layer].values
             scale = float(ref.abs().max())
-            good += int(((e.values - ref).abs() <= 0.02 * scale).sum())
+            good += int(((e.values.cpu() - ref).abs() <= 0.02 * scale).sum())
             total += ref.numel()
         routes = ",".join(sorted({e.route for e in results[m].values()}))
         passes = max(e.passes for e in results[m].values())
