@@ -91,6 +91,19 @@ def test_export_refuses_a_mismatch_and_writes_nothing(tmp_path: Path) -> None:
         export_model(Noisy(), [3], out, "tflite")
 
 
+def test_a_float64_model_exports_as_a_float32_copy(tmp_path: Path) -> None:
+    """Any device and dtype: the float32 CPU copy is exported; the model itself is untouched."""
+    torch.manual_seed(0)
+    model = Architecture("mlp", [5], "relu", [4], 3).build().double().train()
+    diff = export_model(model, [4], tmp_path / "m.onnx", "onnx")
+    assert 0 <= diff < 1e-4 and (tmp_path / "m.onnx").is_file()
+    assert all(p.dtype == torch.float64 for p in model.parameters()) and model.training
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(2, 4)
+    (out,) = session.run(None, {"input": x.numpy()})
+    assert torch.allclose(torch.from_numpy(out), model(x.double()).float(), atol=1e-5)
+
+
 def test_latency_is_a_positive_finite_median() -> None:
     model, arch = _case("cnn")
     result = latency_ms(model, torch.zeros(1, *arch.in_shape), warmup=2, repeats=15)
