@@ -94,10 +94,25 @@ METHOD_PIECEWISE: dict[str, Callable[[tuple[Any, ...], dict[str, Any]], Piecewis
 }
 
 
-def softplus_second_derivative(z: Tensor, beta: float) -> Tensor:
-    """σ''(z) of softplus with sharpness β: β·s(βz)·(1 − s(βz))."""
-    s = torch.sigmoid(beta * z)
-    return s.sub_(s.square()).mul_(beta)  # in place: two temporaries the size of z, not four
+#: elements per slice of :func:`softplus_second_derivative`'s temporaries
+SLICE_ELEMENTS = 1 << 20
+
+
+def softplus_second_derivative(z: Tensor, beta: float, shift: float = 0.0) -> Tensor:
+    """σ''(z − shift) of softplus with sharpness β: β·s·(1 − s), s = sigmoid(β·(z − shift)).
+
+    A new contiguous tensor shaped like ``z``, computed in slices: its temporaries stay small
+    (on a wide layer's batch, ``z`` is as large as a layer's activations)."""
+    if z.numel() <= SLICE_ELEMENTS:
+        s = torch.sigmoid(beta * (z - shift) if shift else beta * z)
+        return s.sub_(s.square()).mul_(beta)  # in place: two temporaries the size of z, not four
+    out = torch.empty(z.shape, dtype=z.dtype, device=z.device)
+    flat, dst = z.reshape(-1), out.view(-1)
+    for a in range(0, flat.numel(), SLICE_ELEMENTS):
+        part = flat[a : a + SLICE_ELEMENTS]
+        s = torch.sigmoid(beta * (part - shift) if shift else beta * part)
+        dst[a : a + SLICE_ELEMENTS] = s.sub_(s.square()).mul_(beta)
+    return out
 
 
 def piecewise_slope(z: Tensor, pw: Piecewise) -> Tensor:
@@ -125,7 +140,7 @@ def piecewise_apply(y: Tensor, z: Tensor, pw: Piecewise, beta: float | None) -> 
         return y.detach() + slope * dz
     curvature: Tensor | float = 0.0
     for t, c in pw.kinks:
-        curvature = curvature + c * softplus_second_derivative(z0 - t, beta)
+        curvature = curvature + c * softplus_second_derivative(z0, beta, t)
     return y.detach() + slope * dz + 0.5 * curvature * dz * dz
 
 

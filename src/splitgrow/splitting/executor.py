@@ -28,6 +28,7 @@ from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from splitgrow.graph.ops import DROPOUTS
+from splitgrow.splitting import activations
 from splitgrow.splitting.activations import (
     FUNCTION_PIECEWISE,
     METHOD_PIECEWISE,
@@ -302,10 +303,39 @@ class Executor:
             out: Tensor | None = None
             if beta is not None:
                 for t, c in pw.kinks:
-                    term = softplus_second_derivative(z.detach() - t, beta)
+                    term = softplus_second_derivative(z.detach(), beta, t)
                     term = term if isinstance(c, float) and c == 1.0 else term.mul_(c)
                     out = term if out is None else out.add_(term)
             return torch.zeros_like(z) if out is None else out
+        return self._autograd_second_derivative(node, args)
+
+    def curvature_weights(self, node: fx.Node, z: Tensor, g: Tensor, c2: Tensor) -> Tensor:
+        """σ''(z)·g·c² (:meth:`second_derivative`), written into ``c2``, a fresh tensor the
+        caller gives up, and returned. A ReLU-like's surrogate curvature is computed in slices,
+        with no temporary the size of z, each element's product in the whole-tensor order."""
+        args = (z, *fx.node.map_arg(node.args[1:], lambda a: a))
+        pw = self._piecewise(node, args, dict(node.kwargs))
+        beta = self._beta()
+        if (
+            pw is not None
+            and beta is not None
+            and len(pw.kinks) == 1
+            and isinstance(pw.kinks[0][1], float)
+            and z.shape == g.shape == c2.shape
+            and c2.is_contiguous()
+        ):
+            (t, c), dst = pw.kinks[0], c2.view(-1)
+            flat_z, flat_g = z.detach().reshape(-1), g.reshape(-1)
+            for a in range(0, flat_z.numel(), activations.SLICE_ELEMENTS):
+                part = slice(a, a + activations.SLICE_ELEMENTS)
+                w = softplus_second_derivative(flat_z[part], beta, t)
+                w = w if c == 1.0 else w.mul_(c)
+                dst[part] = w.mul_(flat_g[part]).mul_(dst[part])
+            return c2
+        return c2.copy_(self.second_derivative(node, z).mul_(g).mul_(c2))
+
+    def _autograd_second_derivative(self, node: fx.Node, args: tuple[Any, ...]) -> Tensor:
+        z = args[0]
         with torch.enable_grad():
             z = z.detach().requires_grad_(True)
             args = (z, *args[1:])

@@ -147,10 +147,7 @@ class LayerRecipe:
         info = self.info
         assert info.node is not None
         nodes = [first_input(info.node)]
-        if self.route.kind == "closed-form":
-            assert self.route.sigma is not None
-            nodes += [info.node, first_input(self.route.sigma)]
-        elif self.route.kind == "chain":
+        if self.route.kind in ("closed-form", "chain"):  # closed form: σ's input is recomputed
             nodes.append(info.node)
         elif self.route.kind == "general":
             nodes += [a for a in _fixed_inputs(info) if a not in nodes]
@@ -173,11 +170,10 @@ class LayerRecipe:
         if self.route.kind == "closed-form":
             sigma = self.route.sigma
             assert sigma is not None
-            z = kept[first_input(sigma)].detach()
             y = kept[info.node].detach()
-            scale = _affine_scale(ex, self.route.prefix, info.node, y)
-            # w = g·σ''(z)·c², in place in the fresh σ''(z) (large: one value per output)
-            weights = ex.second_derivative(sigma, z).mul_(grads[sigma]).mul_(scale.square())
+            z, scale = _affine_prefix(ex, self.route.prefix, info.node, y)
+            # w = σ''(z)·g·c², in place in the fresh c (large: one value per output)
+            weights = ex.curvature_weights(sigma, z, grads[sigma], scale.square_())
             handler = neurons.handler(self.module)
             patches = handler.operator(self.module, x)
             assert patches is not None
@@ -210,17 +206,19 @@ class LayerRecipe:
         return GeneralProblem(ex, members, chain_nodes, outside, list(edges.items()))
 
 
-def _affine_scale(
+def _affine_prefix(
     ex: Executor, prefix: tuple[fx.Node, ...], producer: fx.Node, y: Tensor
-) -> Tensor:
-    """c = ∂z/∂y of the pointwise affine prefix (elementwise, shaped like y)."""
+) -> tuple[Tensor, Tensor]:
+    """z, the pointwise affine prefix's value at y (σ's input: recomputed, so that the forward
+    pass need not keep it), and c = ∂z/∂y (elementwise, shaped like y)."""
     if not prefix:
-        return torch.ones_like(y)
+        return y, torch.ones_like(y)
     with torch.enable_grad(), ex.first_order():
         y_ = y.detach().requires_grad_(True)
         (z,) = ex.run_chain(prefix, {producer: y_}, [prefix[-1]])
-        (c,) = torch.autograd.grad(z, y_, torch.ones_like(z))
-    return c
+        # elementwise: ∂(Σz)/∂y = c, and the sum's gradient is an expanded 1 (no ones_like(z))
+        (c,) = torch.autograd.grad(z.sum(), y_)
+    return z.detach(), c
 
 
 class LocalProblem:
@@ -307,11 +305,22 @@ class ClosedFormProblem(LocalProblem):
         return weighted_grams(self.x.dense().reshape(-1, self.d), self._flat_weights())
 
     def hvp(self, v: Tensor) -> Tensor:
+        """In slices of samples, each with at most ``_HVP_SLICE_ELEMENTS`` products X̃v: a wide
+        layer's products on a whole batch are as large as its activations."""
         n, d, m = v.shape
-        xv = self.x.times(v.permute(1, 0, 2).reshape(d, n * m))  # (B, n·m, P)
-        b, _, p = xv.shape
-        xv = xv.view(b, n, m, p) * self.w.unsqueeze(2)
-        return self.x.t_times(xv.view(b, n * m, p)).view(d, n, m).permute(1, 0, 2)
+        flat = v.permute(1, 0, 2).reshape(d, n * m)
+        batch, _, p = self.w.shape
+        step = max(1, _HVP_SLICE_ELEMENTS // max(1, n * m * p))
+        out: Tensor | None = None
+        for a in range(0, batch, step):
+            x = self.x if step >= batch else self.x.samples(a, a + step)
+            xv = x.times(flat)  # (b, n·m, P)
+            b = xv.shape[0]
+            xv = xv.view(b, n, m, p) * self.w[a : a + step].unsqueeze(2)
+            g = x.t_times(xv.view(b, n * m, p))
+            out = g if out is None else out.add_(g)
+        assert out is not None
+        return out.view(d, n, m).permute(1, 0, 2)
 
     def projected(self, u: Tensor) -> Tensor:
         xu = self.x.times(u).transpose(1, 2).reshape(-1, u.shape[1])  # (B·P, k)

@@ -15,6 +15,7 @@ has one. Each handler gives:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -44,6 +45,10 @@ class Patches(Protocol):
 
     def t_times(self, y: Tensor) -> Tensor:
         """X̃ᵀy for ``y`` ``(B, k, P)``, as ``(d, k)``."""
+        ...
+
+    def samples(self, start: int, stop: int) -> Patches:
+        """The patches of samples ``start`` to ``stop`` (a view)."""
         ...
 
     def dense(self) -> Tensor:
@@ -112,6 +117,9 @@ class DensePatches:
     def t_times(self, y: Tensor) -> Tensor:
         return self.x.reshape(-1, self.d).t() @ y.transpose(1, 2).reshape(-1, y.shape[1])
 
+    def samples(self, start: int, stop: int) -> DensePatches:
+        return DensePatches(self.x[start:stop])
+
     def dense(self) -> Tensor:
         return self.x
 
@@ -167,6 +175,9 @@ class ConvPatches:
         if self.bias:
             g = torch.cat([g, y.sum((0, 2))[None]])
         return g
+
+    def samples(self, start: int, stop: int) -> ConvPatches:
+        return dataclasses.replace(self, x=self.x[start:stop])
 
     def dense(self) -> Tensor:
         kernel, dilation, stride, padding = self.kernel, self.dilation, self.stride, self.padding
