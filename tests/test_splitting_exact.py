@@ -442,3 +442,24 @@ def test_gradients_at_exact_kinks_follow_the_surrogate_convention(act: nn.Module
     got = splitgrow.splitting_eigen(model, loss_fn, data, layers=["f0"], surrogate_beta=3.0)["f0"]
     scale = float(ref.abs().max())
     assert float((got.values - ref[:, 0]).abs().max()) <= 1e-9 * scale
+
+
+@pytest.mark.parametrize("which", ["min", "max", "both"])
+def test_exact_eigenpairs_in_groups_of_neurons(which: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Neurons go through eigh in groups (bounded memory on wide layers); any grouping gives the
+    same pairs, each the extreme eigenpair of its own matrix."""
+    from splitgrow.splitting import solvers
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(7, 5, 5, generator=gen, dtype=torch.float64)
+    whole = solvers.extreme_eigenpairs(a, which)
+    monkeypatch.setattr(solvers, "EIGH_GROUP_ELEMENTS", 2 * 25)  # groups of 2, one of 1
+    grouped = solvers.extreme_eigenpairs(a, which)
+    assert whole.keys() == grouped.keys() == ({"min", "max"} if which == "both" else {which})
+    sym = 0.5 * (a + a.transpose(1, 2))
+    for end, (values, vectors) in grouped.items():
+        assert torch.equal(values, whole[end][0]) and torch.equal(vectors, whole[end][1])
+        ref = torch.linalg.eigvalsh(sym)[:, 0 if end == "min" else -1]
+        assert torch.allclose(values, ref, atol=1e-12)
+        residual = sym @ vectors[:, :, None] - values[:, None, None] * vectors[:, :, None]
+        assert residual.abs().max() < 1e-12

@@ -343,7 +343,7 @@ def splitting_eigen(
     out: dict[str, SplitEigen] = {}
     for name in names:
         if chosen[name] == "exact":
-            pairs = extreme_eigenpairs(matrices[name], which)
+            pairs = extreme_eigenpairs(matrices.pop(name), which)  # freed as soon as solved
             residual = torch.zeros(recipes[name].info.n, dtype=dtype, device=device)
             used, columns = 2 if name in late else 1, recipes[name].info.d
         else:
@@ -474,10 +474,10 @@ def _data_pass(
             elif name in active:
                 v = active[name].pending.to(dtype)
                 contrib = problem.hvp(v).to(torch.float64) * size
-            else:
-                contrib = problem.matrices() * size
+            else:  # a fresh tensor: scaled in place (n·d² numbers: 5 GiB on a 256-wide conv)
+                contrib = problem.matrices().mul_(size)
             if contrib is not None:
-                sums[name] = contrib if name not in sums else sums[name] + contrib
+                sums[name] = contrib if name not in sums else sums[name].add_(contrib)
             if name in keep_layers:
                 batch_kept[name] = problem
             del problem, contrib
@@ -496,7 +496,7 @@ def _data_pass(
     for name, solver in active.items():
         if name not in deferred:
             solver.update(sums.pop(name) / total)
-    return {k: v / total for k, v in sums.items()}, total, kept_problems
+    return {k: v.div_(total) for k, v in sums.items()}, total, kept_problems
 
 
 def _footprint(obj: object, seen: set[int]) -> int:

@@ -18,6 +18,7 @@ from torch import Tensor
 
 WHICH = ("min", "max", "both")
 GROW_ROWS = 4  # rows the search space's buffers grow by
+EIGH_GROUP_ELEMENTS = 1 << 24  # matrix entries per group of neurons in one batched eigh
 
 
 def canonical_sign(vectors: Tensor) -> Tensor:
@@ -30,17 +31,27 @@ def canonical_sign(vectors: Tensor) -> Tensor:
 def extreme_eigenpairs(matrices: Tensor, which: str) -> dict[str, tuple[Tensor, Tensor]]:
     """Smallest and/or largest eigenpairs of symmetric ``(n, d, d)`` matrices.
 
+    The neurons go through ``eigh`` in groups of at most ``EIGH_GROUP_ELEMENTS`` matrix entries:
+    its symmetrised copy, eigenvectors and workspace are then a group's, not all n neurons' (each
+    matrix is decomposed on its own either way, so the answer is the same).
+
     Returns:
         ``{"min": (values (n,), vectors (n, d)), "max": …}`` for the requested ends.
     """
-    sym = 0.5 * (matrices + matrices.transpose(1, 2))
-    values, vectors = torch.linalg.eigh(sym)
-    out = {}
-    if which in ("min", "both"):
-        out["min"] = (values[:, 0], canonical_sign(vectors[:, :, 0]))
-    if which in ("max", "both"):
-        out["max"] = (values[:, -1], canonical_sign(vectors[:, :, -1]))
-    return out
+    n, d = matrices.shape[0], matrices.shape[-1]
+    step = max(1, EIGH_GROUP_ELEMENTS // max(1, d * d))
+    ends = {e: col for e, col in (("min", 0), ("max", -1)) if which in (e, "both")}
+    parts: dict[str, list[tuple[Tensor, Tensor]]] = {e: [] for e in ends}
+    for s in range(0, max(n, 1), step):
+        group = matrices[s : s + step]
+        values, vectors = torch.linalg.eigh(0.5 * (group + group.transpose(1, 2)))
+        for e, col in ends.items():  # copies: the group's eigenvectors are freed
+            parts[e].append((values[:, col].clone(), vectors[:, :, col].clone()))
+        del values, vectors
+    return {
+        e: (torch.cat([v for v, _ in p]), canonical_sign(torch.cat([x for _, x in p])))
+        for e, p in parts.items()
+    }
 
 
 def _orthonormalize(block: Tensor, basis: Tensor, generator: torch.Generator) -> Tensor:
