@@ -463,3 +463,41 @@ def test_exact_eigenpairs_in_groups_of_neurons(which: str, monkeypatch: pytest.M
         assert torch.allclose(values, ref, atol=1e-12)
         residual = sym @ vectors[:, :, None] - values[:, None, None] * vectors[:, :, None]
         assert residual.abs().max() < 1e-12
+
+
+class _Prefix(torch.nn.Module):
+    """fc1 → a prefix that does not scale its input → activation → fc2."""
+
+    def __init__(self, prefix: str, act: torch.nn.Module) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(5, 4), torch.nn.Linear(4, 3)
+        self.drop, self.prefix, self.act = torch.nn.Dropout(0.3), prefix, act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        if self.prefix == "dropout":  # a Python branch: the trace holds the one taken
+            h = self.drop(h)
+        elif self.prefix == "plus":
+            h = h + 1.0
+        else:
+            h = h.contiguous()
+        return self.fc2(self.act(h))
+
+
+@pytest.mark.parametrize("method", ["exact", "fast"])
+@pytest.mark.parametrize(
+    ("prefix", "act"),
+    [("dropout", torch.nn.ReLU()), ("plus", torch.nn.Tanh()), ("identity", torch.nn.ReLU())],
+)
+def test_closed_form_after_a_prefix_that_does_not_scale(
+    prefix: str, act: torch.nn.Module, method: str
+) -> None:
+    """Dropout (eval), + a constant or an identity between a layer and its activation: ∂z/∂y
+    comes back from autograd as an expanded 1, which the closed form then owns and squares."""
+    torch.manual_seed(0)
+    model = _Prefix(prefix, act).double().eval()
+    _, batches = build("mlp")
+    res = splitgrow.splitting_eigen(model, loss_fn, batches, method=method, tol=1e-10)
+    assert res["fc1"].route == "closed-form"
+    ref = torch.linalg.eigvalsh(blocks(split_hessian(model, "fc1", loss_fn, batches, beta=3.0)))
+    _close(res["fc1"].values, ref[:, 0], float(ref.abs().max()), 1e-8)

@@ -218,7 +218,9 @@ def _affine_prefix(
         (z,) = ex.run_chain(prefix, {producer: y_}, [prefix[-1]])
         # elementwise: ∂(Σz)/∂y = c, and the sum's gradient is an expanded 1 (no ones_like(z))
         (c,) = torch.autograd.grad(z.sum(), y_)
-    return z.detach(), c
+    # a prefix that does not scale (dropout, identity, + constant) passes the sum's expanded 1
+    # through: a fresh, dense c, since the caller squares it in place
+    return z.detach(), c if c.is_contiguous() else c.contiguous()
 
 
 class LocalProblem:
