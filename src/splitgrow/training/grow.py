@@ -429,7 +429,7 @@ def _shrink_perturb(model: nn.Module, lam: float, seed: int) -> None:
     θ_fresh is drawn on the CPU, so a model on a GPU gets the same one."""
     fresh = copy.deepcopy(model).cpu()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU's alone: the CUDA RNG is untouched
         for m in fresh.modules():
             reset = getattr(m, "reset_parameters", None)
             if callable(reset):
