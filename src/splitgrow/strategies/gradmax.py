@@ -70,6 +70,20 @@ from splitgrow.strategies.probe import (
 )
 from splitgrow.surgery.fresh import NewNeurons, first_batchnorm
 
+
+def _signs(cols: Tensor) -> Tensor:
+    """±1 per singular vector (column): the sign that makes its entries sum to a positive number,
+    or, where that sum is rounding noise (a consumer whose gradients sum to zero, as a softmax
+    head's do), the sign that makes its largest-magnitude entry positive. Either way the same
+    on every device."""
+    sums = cols.sum(0)
+    noise = 64 * torch.finfo(cols.dtype).eps * cols.abs().sum(0)
+    largest = cols.gather(0, cols.abs().argmax(0, keepdim=True))[0]
+    by_sum = torch.where(sums < 0, -1.0, 1.0)
+    by_largest = torch.where(largest < 0, -1.0, 1.0)
+    return torch.where(sums.abs() <= noise, by_largest, by_sum).to(cols)
+
+
 OPTIONS = ("scale", "bias", "max_pairs", "rank_tol")
 
 
@@ -194,7 +208,7 @@ class GradMax:
             norms = outgoing_norms(info, modules)
             mean = float(norms.mean())
             r = opts.scale * (mean if mean > 0 else 1.0)
-            u = u[:, :pairs].T * torch.where(u[:, :pairs].sum(0) < 0, -1.0, 1.0)[:, None].to(u)
+            u = u[:, :pairs].T * _signs(u[:, :pairs])[:, None]
             shape = probe.out_shape  # (out, block, *kernel) for one neuron
             columns = (r * u).reshape(pairs, *shape)
             state[name] = UnitPairs(theta[0], columns, probe.consumer, s[:pairs], chain_bias)
