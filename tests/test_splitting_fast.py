@@ -454,3 +454,29 @@ def test_wide_batches_in_slices_give_the_same_eigenpairs(monkeypatch: pytest.Mon
             if method == "exact":  # the same eigenvectors, up to sign
                 assert torch.all((g.vectors * e.vectors).sum(-1).abs() > 1 - 1e-9), (name, layer)
     assert sliced["weights"] > 0 and sliced["samples"] > 0  # both sliced paths ran
+
+
+def test_splitting_runs_in_full_float32_and_restores_tf32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TF32 (PyTorch's default for cuDNN convolutions) is off inside the call, on as before after
+    it, also when the call fails."""
+    seen = []
+    data_pass = eigen_module._data_pass
+
+    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        return data_pass(*args, **kwargs)
+
+    monkeypatch.setattr(eigen_module, "_data_pass", recording)
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        model, batches = build("cnn1d")
+        splitgrow.splitting_eigen(model, loss_fn, batches, method="fast")
+        assert seen and all(flags == (False, False) for flags in seen)
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+        nan = [(batches[0][0] * float("nan"), batches[0][1])]
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            splitgrow.splitting_eigen(model, loss_fn, nan)
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

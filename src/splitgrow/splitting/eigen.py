@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, is_dataclass
@@ -89,6 +90,20 @@ class SplitEigen:
 def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+@contextlib.contextmanager
+def full_float32() -> Iterator[None]:
+    """TF32 off for cuDNN convolutions and CUDA matrix products inside the block (restored
+    after). PyTorch runs float32 convolutions in TF32 by default on Ampere and later GPUs, a
+    10-bit mantissa (about 1e-3 relative), and the splitting statistics are sums whose terms
+    cancel. No effect on the CPU."""
+    conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
 
 
 def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -297,7 +312,7 @@ def splitting_eigen(
     deferred = (
         {k for k in cacheable if recipes[k].info.d >= SUBSPACE_START_MIN_D} if limit else set()
     )
-    with eval_mode(model):
+    with eval_mode(model), full_float32():
         exact_names = [k for k, v in chosen.items() if v == "exact"]
         matrices, samples, kept = _data_pass(
             executor, recipes, loss_fn, data, device, exact_names, solvers, dtype, progress,
