@@ -52,10 +52,11 @@ def test_eigenpairs_on_the_device_equal_the_cpu_ones(name: str, method: str) -> 
     for layer, w in want.items():
         g = got[layer]
         assert g.values.device.type == DEVICE.type and g.vectors.device.type == DEVICE.type
-        scale = float(w.values.abs().max()) + 1e-12
-        assert torch.allclose(g.values.cpu(), w.values, rtol=0, atol=1e-6 * scale), layer
-        assert g.max_values is not None and w.max_values is not None
-        assert torch.allclose(g.max_values.cpu(), w.max_values, rtol=0, atol=1e-6 * scale)
+        # 1e-6 of each end's scale: CUDA's float64 hardsigmoid is off by 3e-8 (a float32 1/6)
+        for got_end, want_end in ((g.values, w.values), (g.max_values, w.max_values)):
+            assert got_end is not None and want_end is not None
+            scale = float(want_end.abs().max()) + 1e-12
+            assert torch.allclose(got_end.cpu(), want_end, rtol=0, atol=1e-6 * scale), layer
         # same eigenvector up to sign, where λ_min is well separated (exact: always here)
         if method == "exact":
             cos = (g.vectors.cpu() * w.vectors).sum(-1).abs()
@@ -74,7 +75,8 @@ def test_split_neurons_on_the_device(name: str) -> None:
     got = splitgrow.split_neurons(copy.deepcopy(model).to(DEVICE), on, eps=0.1)
     assert _on_device(got)
     x = batches[0][0]
-    assert torch.allclose(got(x.to(DEVICE)).cpu(), want(x), rtol=0, atol=1e-10)
+    out = want(x).detach()  # 1e-7 of the output's scale: CUDA's float64 hardsigmoid, as above
+    assert torch.allclose(got(x.to(DEVICE)).cpu(), out, rtol=0, atol=1e-7 * float(out.abs().max()))
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +101,8 @@ def test_grow_on_the_device_equals_the_cpu(digits64: tuple[list, list], strategy
         runs[str(where)] = grow(start, train, loss_fn=F.cross_entropy, val_data=val, config=cfg)
     want, got = runs["cpu"], runs[str(DEVICE)]
     assert _on_device(got.model)
-    assert [r.get("split") for r in got.history] == [r.get("split") for r in want.history]
+    for key in ("split", "new"):  # what was split, and what was added (gradmax adds)
+        assert [r.get(key) for r in got.history] == [r.get(key) for r in want.history], key
     assert [r["params"] for r in got.history] == [r["params"] for r in want.history]
     assert got.stopped == want.stopped
     for (k, a), (_, b) in zip(
@@ -116,6 +119,7 @@ FAST = [
 
 def _cli(*argv: str, kill_at: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "SPLITGROW_KILL_AT"}
+    env["NVIDIA_TF32_OVERRIDE"] = "0"  # full float32 convolutions, as in the calling process
     if kill_at is not None:
         env["SPLITGROW_KILL_AT"] = kill_at
     return subprocess.run(
@@ -124,9 +128,13 @@ def _cli(*argv: str, kill_at: str | None = None) -> subprocess.CompletedProcess[
     )  # fmt: skip
 
 
-def test_cli_grow_on_the_device_killed_resumed_evaluated_exported(tmp_path: Path) -> None:
+def test_cli_grow_on_the_device_killed_resumed_evaluated_exported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``--device cuda``: killed inside the second split, resumed there, then evaluated and
-    exported from its checkpoint (which loads on the CPU)."""
+    exported from its checkpoint (which loads on the CPU). TF32 convolutions off, so that the
+    float32 runs agree closely enough to make the same splits."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     ref = tmp_path / "ref"
     assert main(["grow", *FAST, "--device", DEVICE.type, "--out", str(ref)]) == 0
     out = tmp_path / "run"
@@ -146,8 +154,9 @@ def test_cli_grow_on_the_device_killed_resumed_evaluated_exported(tmp_path: Path
     killed = _cli("grow", *FAST, "--device", DEVICE.type, "--out", str(moved), kill_at="step:9")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert main(["grow", "--resume", str(moved), "--device", "cpu"]) == 0
-    c = json.loads((moved / "results.json").read_text())
-    assert c["widths"] == a["widths"] and abs(c["test"]["accuracy"] - a["test"]["accuracy"]) < 0.05
+    c = json.loads((moved / "results.json").read_text())  # CPU rounding: splits may differ
+    assert len(c["history"]) == len(a["history"]) and c["params"] > c["history"][0]["params"]
+    assert abs(c["test"]["accuracy"] - a["test"]["accuracy"]) < 0.05
 
 
 def test_compare_every_method_on_the_device(tmp_path: Path) -> None:
@@ -165,7 +174,9 @@ def test_compare_every_method_on_the_device(tmp_path: Path) -> None:
 
 
 def test_cli_grow_under_torchrun_on_the_device(tmp_path: Path) -> None:
-    """One process, NCCL (gloo for the CPU stand-in): the same run as without torchrun."""
+    """The launcher's environment on the device: with one process the CLI takes its plain path
+    (no process group: one GPU cannot hold two NCCL ranks), and the run equals one without
+    torchrun. NCCL itself: the strided all-reduce test below."""
     src = str(Path(splitgrow.__file__).parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
     env.pop("SPLITGROW_KILL_AT", None)
