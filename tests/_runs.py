@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from typing import Any
+
+
+def cli(*argv: str, kill_at: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    """``python -m splitgrow.cli ARGV`` in a child process (``env`` added to its environment);
+    ``kill_at`` sets ``SPLITGROW_KILL_AT`` (``splitgrow.faults``), which is unset otherwise."""
+    full = {k: v for k, v in os.environ.items() if k != "SPLITGROW_KILL_AT"} | env
+    if kill_at is not None:
+        full["SPLITGROW_KILL_AT"] = kill_at
+    return subprocess.run(
+        [sys.executable, "-m", "splitgrow.cli", *argv],
+        env=full, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
 
 
 def strip_seconds(obj: Any) -> Any:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from _runs import strip_seconds
+from _runs import cli, strip_seconds
 
 from splitgrow.cli import main
 
@@ -33,14 +33,7 @@ ARGS = [
 
 
 def _cli(*argv: str, kill_at: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env.pop("SPLITGROW_KILL_AT", None)
-    if kill_at is not None:
-        env["SPLITGROW_KILL_AT"] = kill_at
-    return subprocess.run(
-        [sys.executable, "-m", "splitgrow.cli", *argv],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    return cli(*argv, kill_at=kill_at)
 
 
 def _assert_same_run(ref: Path, got: Path) -> None:

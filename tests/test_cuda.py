@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _models import REGISTRY, build, loss_fn
+from _runs import cli
 
 import splitgrow
 from splitgrow import data
@@ -118,14 +119,8 @@ FAST = [
 
 
 def _cli(*argv: str, kill_at: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "SPLITGROW_KILL_AT"}
-    env["NVIDIA_TF32_OVERRIDE"] = "0"  # full float32 convolutions, as in the calling process
-    if kill_at is not None:
-        env["SPLITGROW_KILL_AT"] = kill_at
-    return subprocess.run(
-        [sys.executable, "-m", "splitgrow.cli", *argv],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    # full float32 convolutions, as in the calling process
+    return cli(*argv, kill_at=kill_at, NVIDIA_TF32_OVERRIDE="0")
 
 
 def test_cli_grow_on_the_device_killed_resumed_evaluated_exported(
