@@ -32,8 +32,9 @@ def extreme_eigenpairs(matrices: Tensor, which: str) -> dict[str, tuple[Tensor, 
     """Smallest and/or largest eigenpairs of symmetric ``(n, d, d)`` matrices.
 
     The neurons go through ``eigh`` in groups of at most ``EIGH_GROUP_ELEMENTS`` matrix entries:
-    its symmetrised copy, eigenvectors and workspace are then a group's, not all n neurons' (each
-    matrix is decomposed on its own either way, so the answer is the same).
+    its symmetrised copy, eigenvectors and workspace are then a group's, not all n neurons'. Each
+    matrix is decomposed on its own either way, so the answer is the same (on CUDA, whose batched
+    solver depends on the batch's size, the same to rounding).
 
     Returns:
         ``{"min": (values (n,), vectors (n, d)), "max": …}`` for the requested ends.
