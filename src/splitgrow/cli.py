@@ -307,10 +307,6 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _on(batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> list[Any]:
-    return [(x.to(device), y.to(device)) for x, y in batches]
-
-
 def _loss(task: str) -> Any:
     if task == "classification":
         return F.cross_entropy
@@ -536,9 +532,9 @@ def _grow_on(args: argparse.Namespace, argv: Sequence[str], device: torch.device
     try:
         result = grow(
             model,
-            _on(data.train.batches(args.batch_size), device),
+            data.train.batches(args.batch_size),  # grow moves them to the model's device
             loss_fn=loss_fn,
-            val_data=_on(data.val.batches(512), device),
+            val_data=data.val.batches(512),
             task=data.task,
             config=config,
             on_record=on_record,
@@ -562,7 +558,7 @@ def _grow_on(args: argparse.Namespace, argv: Sequence[str], device: torch.device
     code = 1 if result.stopped == "non-finite" else 0
     if run is None:  # another rank than 0: rank 0 reports
         return code
-    test = evaluate(result.model, _on(data.test.batches(512), device), loss_fn, data.task)
+    test = evaluate(result.model, data.test.batches(512), loss_fn, data.task)  # moved per batch
     final_arch = arch.with_widths(widths_of(result.model))
     run.save_model(result.model, final_arch)
     example = data.test.x[:1]

@@ -744,7 +744,7 @@ def _split_round(
         record["eigen_samples"] = sum(len(y) for _, y in eigen_data)  # all processes' shares
         record.update(cands.record)
         if distributed:
-            device = next(model.parameters()).device
+            device = model_device(model)
             plan, rank0 = sgdist.from_main(
                 lambda: (
                     _select(model, cfg, loss_fn, eigen_data, record, gen, strategy, ctx, cands),
