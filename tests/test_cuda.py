@@ -168,6 +168,24 @@ def test_compare_every_method_on_the_device(tmp_path: Path) -> None:
     assert (tmp_path / "cmp" / "pareto.png").is_file()
 
 
+def test_eigen_cost_benchmark_on_the_device() -> None:
+    """Without ``exact`` among the methods the benchmark computes its reference afterwards: on the
+    same weights as the timed calls (its memory measurement trains an epoch; once it ran between
+    them, and the GPU table showed a third of the λ_min "within 2%")."""
+    root = Path(__file__).resolve().parents[1]
+    cmd = [
+        sys.executable, str(root / "benchmarks" / "eigen_cost.py"), "--device", DEVICE.type,
+        "--model", "cnn", "--width", "16", "--image", "8", "--samples", "32", "--batch", "16",
+        "--repeats", "1", "--methods", "fast,auto",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600).stdout
+    rows = [line for line in out.splitlines() if line.startswith(("| fast", "| auto"))]
+    assert len(rows) == 2, out
+    for row in rows:
+        good, total = map(int, row.split("|")[4].strip().split("/"))
+        assert total == 64 and good >= 0.95 * total, row
+
+
 def test_cli_grow_under_torchrun_on_the_device(tmp_path: Path) -> None:
     """The launcher's environment on the device: with one process the CLI takes its plain path
     (no process group: one GPU cannot hold two NCCL ranks), and the run equals one without
