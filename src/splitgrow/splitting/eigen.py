@@ -302,7 +302,7 @@ def splitting_eigen(
     solvers = {
         name: BlockSubspace(
             r.info.n, r.info.d, which, _first_block(block, name in cacheable and limit > 0),
-            tol, gen, device,
+            tol, gen, torch.device("cpu"),  # small, and its decompositions are faster there
         )
         for name, r in recipes.items()
         if chosen[name] == "fast"
@@ -362,8 +362,11 @@ def splitting_eigen(
             residual = torch.zeros(recipes[name].info.n, dtype=dtype, device=device)
             used, columns = 2 if name in late else 1, recipes[name].info.d
         else:
-            pairs = solvers[name].result()
-            residual = solvers[name].residual.to(dtype)
+            pairs = {
+                end: (values.to(device), vectors.to(device))
+                for end, (values, vectors) in solvers[name].result().items()
+            }
+            residual = solvers[name].residual.to(device, dtype)
             used, columns = 1 if name in in_memory else passes, solvers[name].size
         first = pairs["min" if which in ("min", "both") else "max"]
         second = pairs.get("max") if which == "both" else None
@@ -487,7 +490,7 @@ def _data_pass(
             if name in deferred:
                 contrib = None
             elif name in active:
-                v = active[name].pending.to(dtype)
+                v = active[name].pending.to(device, dtype)
                 contrib = problem.hvp(v).to(torch.float64) * size
             else:  # a fresh tensor: scaled in place (n·d² numbers: 5 GiB on a 256-wide conv)
                 contrib = problem.matrices().mul_(size)
@@ -553,7 +556,8 @@ def _iterate_in_memory(
         sums: dict[str, Tensor] = {}
         for problems, size in kept:
             for name, solver in active.items():
-                contrib = problems[name].hvp(solver.pending.to(dtype)).to(torch.float64) * size
+                v = solver.pending.to(device, dtype)
+                contrib = problems[name].hvp(v).to(torch.float64) * size
                 sums[name] = contrib if name not in sums else sums[name] + contrib
         if distributed:
             sgdist.sum_statistics(sums, total, device)
@@ -594,7 +598,7 @@ def _projected_start(
                 break
             if distributed:
                 sgdist.sum_statistics({name: acc}, total, device)
-            u = torch.linalg.qr(acc)[0]
+            u = torch.linalg.qr(acc.cpu())[0].to(device)  # one small QR: on the CPU
         if not shared:  # the same on every process: the route decides
             continue
         proj = torch.zeros(solver.n, k, k, dtype=torch.float64, device=device)

@@ -326,8 +326,9 @@ class Executor:
         ):
             (t, c), dst = pw.kinks[0], c2.view(-1)
             flat_z, flat_g = z.detach().reshape(-1), g.reshape(-1)
-            for a in range(0, flat_z.numel(), activations.SLICE_ELEMENTS):
-                part = slice(a, a + activations.SLICE_ELEMENTS)
+            step = activations.SLICE_ELEMENTS * activations.slice_scale(z.device)
+            for a in range(0, flat_z.numel(), step):
+                part = slice(a, a + step)
                 w = softplus_second_derivative(flat_z[part], beta, t)
                 w = w if c == 1.0 else w.mul_(c)
                 dst[part] = w.mul_(flat_g[part]).mul_(dst[part])

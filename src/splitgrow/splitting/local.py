@@ -43,8 +43,10 @@ from splitgrow._attrs import optional_tensor
 from splitgrow.graph.analyze import LayerInfo
 from splitgrow.graph.ops import Layout, StepKind, first_input
 from splitgrow.splitting import neurons
+from splitgrow.splitting.activations import slice_scale
 from splitgrow.splitting.executor import Executor
 
+# on the CPU; times activations.slice_scale on an accelerator
 _CHUNK_ELEMENTS = 1 << 21  # bound on the elements of each chunk's temporaries (tangents, features)
 _HVP_SLICE_ELEMENTS = 1 << 20  # a slice's elements of the layer output, for S·v
 HVP_CHUNK = 32  # Hessian-vector products of the general route batched in one backward pass
@@ -268,6 +270,10 @@ class ZeroProblem(LocalProblem):
 GEMM_MAX_D = 48  # up to this d, Σ w x̃x̃ᵀ goes through x̃⊗x̃ features (d² per row) in one GEMM
 
 
+def _chunk_elements(like: Tensor) -> int:
+    return _CHUNK_ELEMENTS * slice_scale(like.device)
+
+
 def weighted_grams(x: Tensor, w: Tensor) -> Tensor:
     """S_i = Σ_p w_{i,p} x_p x_pᵀ for every i: ``x`` ``(M, d)``, ``w`` ``(n, M)`` → ``(n, d, d)``.
 
@@ -279,13 +285,13 @@ def weighted_grams(x: Tensor, w: Tensor) -> Tensor:
     n, d = w.shape[0], x.shape[1]
     if d <= GEMM_MAX_D:
         out = x.new_zeros(n, d * d)
-        step = max(1, _CHUNK_ELEMENTS // max(1, d * d))
+        step = max(1, _chunk_elements(x) // max(1, d * d))
         for s in range(0, x.shape[0], step):
             rows = x[s : s + step]
             out += w[:, s : s + step] @ (rows[:, :, None] * rows[:, None, :]).reshape(-1, d * d)
         return out.view(n, d, d)
     grams = x.new_empty(n, d, d)
-    step = max(1, _CHUNK_ELEMENTS // max(1, x.numel()))
+    step = max(1, _chunk_elements(x) // max(1, x.numel()))
     for s in range(0, n, step):
         weighted = w[s : s + step, :, None] * x  # (k, M, d)
         grams[s : s + step] = weighted.transpose(1, 2) @ x
@@ -312,7 +318,7 @@ class ClosedFormProblem(LocalProblem):
         n, d, m = v.shape
         flat = v.permute(1, 0, 2).reshape(d, n * m)
         batch, _, p = self.w.shape
-        step = max(1, _HVP_SLICE_ELEMENTS // max(1, n * m * p))
+        step = max(1, _HVP_SLICE_ELEMENTS * slice_scale(v.device) // max(1, n * m * p))
         out: Tensor | None = None
         for a in range(0, batch, step):
             x = self.x if step >= batch else self.x.samples(a, a + step)
@@ -647,7 +653,7 @@ class ChainProblem(LocalProblem):
     @torch.no_grad()
     def inputs_gram_times(self, u: Tensor) -> Tensor | None:
         out = u.new_zeros(u.shape)
-        step = max(1, _CHUNK_ELEMENTS // max(1, self.y[0].numel() * self.d))
+        step = max(1, _chunk_elements(u) // max(1, self.y[0].numel() * self.d))
         for s in range(0, self.x.shape[0], step):
             patches = self._patches(self.x[s : s + step])
             if patches is None:
@@ -662,7 +668,7 @@ class ChainProblem(LocalProblem):
         d = self.d if u is None else u.shape[1]
         out = self.th.new_zeros(self.n, d, d)
         per_sample = max(1, self.y[0].numel() * d)
-        step = max(1, _CHUNK_ELEMENTS // per_sample)
+        step = max(1, _chunk_elements(self.y) // per_sample)
         for s in range(0, self.y.shape[0], step):
             rows = slice(s, s + step)
             x, y = self.x[rows], self.y[rows]
@@ -708,7 +714,7 @@ class ChainProblem(LocalProblem):
         (large fresh allocations cost more than the arithmetic on them: ~4× on CPU)."""
         if self._state is not None:
             return self._state
-        step = max(1, _HVP_SLICE_ELEMENTS // max(1, self.y[0].numel()))
+        step = max(1, _HVP_SLICE_ELEMENTS * slice_scale(self.y.device) // max(1, self.y[0].numel()))
         self._state = []
         for s in range(0, self.y.shape[0], step):
             rows = slice(s, s + step)

@@ -86,7 +86,10 @@ class BlockSubspace:
         block: columns added per step (per neuron).
         tol: relative residual at which a Ritz pair is converged.
         generator: random source of the initial block (CPU generator; reproducible).
-        device: where the state lives. The state is kept in float64.
+        device: where the state lives (``splitting_eigen`` keeps it on the CPU: it is small, and
+            on a GPU its many tiny decompositions cost more than the copies of the products).
+            The state is kept in float64; ``update`` and ``start_from`` take tensors on any
+            device.
     """
 
     def __init__(
@@ -100,6 +103,7 @@ class BlockSubspace:
         device: torch.device,
     ) -> None:
         self.n, self.d, self.which, self.tol = n, d, which, tol
+        self.device = device
         self.set_block(block)
         self.gen = generator
         f64 = torch.float64
@@ -144,7 +148,7 @@ class BlockSubspace:
         self._grow(m)
         size = old + m
         self._rows[:, old:size] = self.pending.transpose(1, 2)
-        self._image_rows[:, old:size] = images.to(torch.float64).transpose(1, 2)
+        self._image_rows[:, old:size] = images.to(self.device, torch.float64).transpose(1, 2)
         q, y = self._rows[:, :size], self._image_rows[:, :size]
         # new columns qᵢᵀ S q_new for every i, symmetrised with the new rows q_newᵀ S qᵢ
         cols = q @ y[:, old:].transpose(1, 2)  # (n, size, m)
@@ -179,9 +183,9 @@ class BlockSubspace:
         better than random where S's extreme eigenvectors lie mostly in span(u)."""
         if self.converged:
             return
-        _, coords = torch.linalg.eigh(projected.to(torch.float64))
+        _, coords = torch.linalg.eigh(projected.to(self.device, torch.float64))
         wanted = self._wanted(coords.shape[2])
-        x = u.to(torch.float64) @ coords[:, :, wanted]  # (n, d, len(wanted))
+        x = u.to(self.device, torch.float64) @ coords[:, :, wanted]  # (n, d, len(wanted))
         self.pending = _orthonormalize(x, self.basis, self.gen)
 
     def set_block(self, block: int) -> None:
