@@ -113,6 +113,25 @@ def test_auto_iterates_in_memory_above_its_d(monkeypatch: pytest.MonkeyPatch) ->
         assert torch.allclose(res[layer].values, e.values, rtol=0, atol=1e-12)
 
 
+def test_auto_thresholds_depend_on_the_device() -> None:
+    """On a GPU (measured on an H200) the closed-form and chain routes stay exact up to a larger
+    d than on the CPU when the fast route could iterate in memory, and go fast above it even
+    when it could not (there a data pass per block still beats d³ decompositions)."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")  # device objects: nothing runs there
+    pick = eigen_module._pick_method
+    small = eigen_module.AUTO_MAX_D_IN_MEMORY + 1
+    assert small <= eigen_module.AUTO_MAX_D_ACCELERATOR
+    assert pick("auto", 32, small, torch.float32, "chain", True, cpu) == "fast"
+    assert pick("auto", 32, small, torch.float32, "chain", True, gpu) == "exact"
+    wide = eigen_module.AUTO_MAX_D_ACCELERATOR + 1
+    assert wide <= eigen_module.AUTO_MAX_D
+    for in_memory in (True, False):
+        assert pick("auto", 32, wide, torch.float32, "closed-form", in_memory, gpu) == "fast"
+    assert pick("auto", 32, wide, torch.float32, "closed-form", False, cpu) == "exact"
+    assert pick("auto", 32, 10, torch.float32, "general", False, gpu) == "exact"
+    assert pick("fast", 32, small, torch.float32, "chain", True, gpu) == "fast"
+
+
 def test_auto_takes_the_fast_route_for_wide_units(monkeypatch: pytest.MonkeyPatch) -> None:
     """On the general route exact costs d Hessian-vector products: fast above a smaller d."""
     model, batches = build("functional")  # c3: x·sigmoid(x), the general route, d = 5

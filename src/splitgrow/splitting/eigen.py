@@ -33,6 +33,12 @@ AUTO_MAX_BYTES = 1 << 30
 #: 3–8 products, 0.06–1.3 epochs per layer against exact's 0.3–3.8; d = 28: even, 3.1 against
 #: 3.5; ``benchmarks/results/eigen_cost_cpu.md``)
 AUTO_MAX_D_IN_MEMORY = 32
+#: on a GPU, closed-form and chain routes: exact only while d is at most this, whether or not the
+#: fast route may iterate in memory; there the exact route's large batched products gain most and
+#: the fast route's many small steps least (H200, MobileNet width 32, d = 33: exact 0.30 s against
+#: fast 0.57 s; width 64, d = 65: exact 0.73 s against fast 0.52 s; width 128, N = 512, whose
+#: statistics exceed the cache, d = 129: exact 3.2 s against fast with a data pass per block 1.1 s)
+AUTO_MAX_D_ACCELERATOR = 48
 #: the fast route's vectors per neuron and block: iterating in memory, where a block costs only
 #: its products, or with a data pass per block
 BLOCK_IN_MEMORY, BLOCK_PER_PASS = 1, 4
@@ -196,7 +202,8 @@ def splitting_eigen(
             Hessian-vector product, only while d ≤ 64, and, unless ``cache`` is ``False``, on
             the closed-form and chain routes only while d ≤ 32; else fast. A layer that took the
             fast route only because its statistics could stay in memory is computed exactly
-            after all, in a second data pass, when they turn out not to fit).
+            after all, in a second data pass, when they turn out not to fit. On a GPU, the
+            closed-form and chain routes are exact only while d ≤ 48, memory or not).
         which: ``"min"`` (default), ``"max"`` or ``"both"``.
         layers: names of the layers to compute; default every splittable layer.
         batchnorm: ``"running"`` statistics (default, the published convention) or ``"batch"``
@@ -282,7 +289,9 @@ def splitting_eigen(
         recipes[name] = LayerRecipe(info, module, choose_route(info, module, batchnorm))
     executor = Executor(structure.graph_module, batchnorm, surrogate_beta)
     chosen = {
-        name: _pick_method(method, r.info.n, r.info.d, dtype, r.route.kind, cache is not False)
+        name: _pick_method(
+            method, r.info.n, r.info.d, dtype, r.route.kind, cache is not False, device
+        )
         for name, r in recipes.items()
     }
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -326,7 +335,7 @@ def splitting_eigen(
                 k for k in solvers
                 if _pick_method(
                     method, recipes[k].info.n, recipes[k].info.d, dtype, recipes[k].route.kind,
-                    False,
+                    False, device,
                 ) == "exact"
             ]  # fmt: skip
             for k in late:
@@ -409,16 +418,25 @@ def _first_block(block: int | None, in_memory: bool) -> int:
 
 
 def _pick_method(
-    method: str, n: int, d: int, dtype: torch.dtype, route: str, in_memory: bool
+    method: str,
+    n: int,
+    d: int,
+    dtype: torch.dtype,
+    route: str,
+    in_memory: bool,
+    device: torch.device,
 ) -> str:
-    """``method``, or what ``"auto"`` picks for a layer (see :func:`splitting_eigen`);
-    ``in_memory``: whether the fast route may iterate on statistics kept in memory."""
+    """``method``, or what ``"auto"`` picks for a layer (see :func:`splitting_eigen`) on
+    ``device``; ``in_memory``: whether the fast route may iterate on statistics kept in memory."""
     if method != "auto":
         return method
     if route == "general" and d > AUTO_MAX_D_GENERAL:
         return "fast"
-    if route in ("closed-form", "chain") and in_memory and d > AUTO_MAX_D_IN_MEMORY:
-        return "fast"
+    if route in ("closed-form", "chain"):
+        if device.type != "cpu" and d > AUTO_MAX_D_ACCELERATOR:
+            return "fast"
+        if device.type == "cpu" and in_memory and d > AUTO_MAX_D_IN_MEMORY:
+            return "fast"
     nbytes = n * d * d * torch.empty((), dtype=dtype).element_size()
     return "exact" if d <= AUTO_MAX_D and nbytes <= AUTO_MAX_BYTES else "fast"
 
