@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 
@@ -18,6 +19,23 @@ def cli(*argv: str, kill_at: str | None = None, **env: str) -> subprocess.Comple
         [sys.executable, "-m", "splitgrow.cli", *argv],
         env=full, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
+
+
+def eigen_cost_agreement(*argv: str) -> dict[str, tuple[int, int]]:
+    """``benchmarks/eigen_cost.py ARGV`` in a child process: each method's λ_min within 2% of
+    exact, as ``(good, total)``."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "eigen_cost.py"
+    done = subprocess.run(
+        [sys.executable, str(script), *argv], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out: dict[str, tuple[int, int]] = {}
+    for line in done.stdout.splitlines():
+        cells = [c.strip() for c in line.split("|")]
+        if len(cells) > 4 and "/" in cells[4] and cells[4].replace("/", "").isdigit():
+            good, total = cells[4].split("/")
+            out[cells[1]] = (int(good), int(total))
+    return out
 
 
 def strip_seconds(obj: Any) -> Any:

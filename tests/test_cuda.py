@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _models import REGISTRY, build, loss_fn
-from _runs import cli
+from _runs import cli, eigen_cost_agreement
 
 import splitgrow
 from splitgrow import data
@@ -169,21 +169,15 @@ def test_compare_every_method_on_the_device(tmp_path: Path) -> None:
 
 
 def test_eigen_cost_benchmark_on_the_device() -> None:
-    """Without ``exact`` among the methods the benchmark computes its reference afterwards: on the
-    same weights as the timed calls (its memory measurement trains an epoch; once it ran between
-    them, and the GPU table showed a third of the λ_min "within 2%")."""
-    root = Path(__file__).resolve().parents[1]
-    cmd = [
-        sys.executable, str(root / "benchmarks" / "eigen_cost.py"), "--device", DEVICE.type,
-        "--model", "cnn", "--width", "16", "--image", "8", "--samples", "32", "--batch", "16",
-        "--repeats", "1", "--methods", "fast,auto",
-    ]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600).stdout
-    rows = [line for line in out.splitlines() if line.startswith(("| fast", "| auto"))]
-    assert len(rows) == 2, out
-    for row in rows:
-        good, total = map(int, row.split("|")[4].strip().split("/"))
-        assert total == 64 and good >= 0.95 * total, row
+    """The speed benchmark on the device: its timed calls agree with an exact reference on the
+    same weights (``test_demo_and_benchmarks`` checks that order on the CPU)."""
+    rows = eigen_cost_agreement(
+        "--device", DEVICE.type, "--model", "cnn", "--width", "16", "--image", "8",
+        "--samples", "32", "--batch", "16", "--repeats", "1", "--methods", "fast,auto",
+    )  # fmt: skip
+    assert rows.keys() == {"fast", "auto"}
+    for good, total in rows.values():
+        assert total == 64 and good >= 0.95 * total
 
 
 def test_cli_grow_under_torchrun_on_the_device(tmp_path: Path) -> None:
