@@ -95,14 +95,15 @@ METHOD_PIECEWISE: dict[str, Callable[[tuple[Any, ...], dict[str, Any]], Piecewis
 
 
 #: elements per slice of :func:`softplus_second_derivative`'s temporaries (on the CPU; see
-#: :func:`slice_scale`)
+#: :func:`slice_elements`)
 SLICE_ELEMENTS = 1 << 20
 #: how many times larger the slices of the splitting's temporaries are on an accelerator
 ACCELERATOR_SLICE_SCALE = 16
 
 
-def slice_scale(device: torch.device) -> int:
-    """Factor on the element budgets of the splitting's slices and chunks on ``device``.
+def slice_elements(budget: int, device: torch.device) -> int:
+    """``budget``, an element budget of the splitting's slices or chunks on the CPU, on
+    ``device``.
 
     On the CPU, slices of about 2^20 elements keep temporaries in cache and large fresh
     allocations (which cost more than the arithmetic on them) away; on a GPU each operation's
@@ -110,7 +111,7 @@ def slice_scale(device: torch.device) -> int:
     bound by their number (the H200 ran 32 000 kernels and was busy 80 ms of a 1.4 s call), so
     there the slices are ``ACCELERATOR_SLICE_SCALE`` times larger. The answer does not depend on
     the slicing beyond rounding."""
-    return 1 if device.type == "cpu" else ACCELERATOR_SLICE_SCALE
+    return budget if device.type == "cpu" else budget * ACCELERATOR_SLICE_SCALE
 
 
 def softplus_second_derivative(z: Tensor, beta: float, shift: float = 0.0) -> Tensor:
@@ -118,7 +119,7 @@ def softplus_second_derivative(z: Tensor, beta: float, shift: float = 0.0) -> Te
 
     A new contiguous tensor shaped like ``z``, computed in slices: its temporaries stay small
     (on a wide layer's batch, ``z`` is as large as a layer's activations)."""
-    step = SLICE_ELEMENTS * slice_scale(z.device)
+    step = slice_elements(SLICE_ELEMENTS, z.device)
     if z.numel() <= step:
         s = torch.sigmoid(beta * (z - shift) if shift else beta * z)
         return s.sub_(s.square()).mul_(beta)  # in place: two temporaries the size of z, not four

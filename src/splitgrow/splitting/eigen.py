@@ -27,7 +27,8 @@ AUTO_MAX_D = 512
 #: where the fast route needs about ``block`` per data pass, only while d is at most this
 AUTO_MAX_D_GENERAL = 64
 AUTO_MAX_BYTES = 1 << 30
-#: ... and on the closed-form and chain routes, only while d is at most this when the fast route
+#: ... and on the closed-form and chain routes (on the CPU; see AUTO_MAX_D_ACCELERATOR), only
+#: while d is at most this when the fast route
 #: may iterate on statistics kept in memory (``cache`` not ``False``): there it needs far fewer
 #: than d products (MobileNet width 128, d = 129: R 3.3 against exact's 26; width 32, d = 33:
 #: 3–8 products, 0.06–1.3 epochs per layer against exact's 0.3–3.8; d = 28: even, 3.1 against
@@ -371,19 +372,16 @@ def splitting_eigen(
             residual = torch.zeros(recipes[name].info.n, dtype=dtype, device=device)
             used, columns = 2 if name in late else 1, recipes[name].info.d
         else:
-            pairs = {
-                end: (values.to(device), vectors.to(device))
-                for end, (values, vectors) in solvers[name].result().items()
-            }
+            pairs = solvers[name].result()  # on the CPU: moved below
             residual = solvers[name].residual.to(device, dtype)
             used, columns = 1 if name in in_memory else passes, solvers[name].size
         first = pairs["min" if which in ("min", "both") else "max"]
         second = pairs.get("max") if which == "both" else None
         out[name] = SplitEigen(
-            values=first[0].to(dtype),
-            vectors=first[1].to(dtype),
-            max_values=None if second is None else second[0].to(dtype),
-            max_vectors=None if second is None else second[1].to(dtype),
+            values=first[0].to(device, dtype),
+            vectors=first[1].to(device, dtype),
+            max_values=None if second is None else second[0].to(device, dtype),
+            max_vectors=None if second is None else second[1].to(device, dtype),
             method=chosen[name],
             route=recipes[name].route.kind,
             surrogate=surrogate,

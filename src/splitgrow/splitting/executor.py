@@ -326,7 +326,7 @@ class Executor:
         ):
             (t, c), dst = pw.kinks[0], c2.view(-1)
             flat_z, flat_g = z.detach().reshape(-1), g.reshape(-1)
-            step = activations.SLICE_ELEMENTS * activations.slice_scale(z.device)
+            step = activations.slice_elements(activations.SLICE_ELEMENTS, z.device)
             for a in range(0, flat_z.numel(), step):
                 part = slice(a, a + step)
                 w = softplus_second_derivative(flat_z[part], beta, t)

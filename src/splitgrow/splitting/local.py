@@ -43,10 +43,10 @@ from splitgrow._attrs import optional_tensor
 from splitgrow.graph.analyze import LayerInfo
 from splitgrow.graph.ops import Layout, StepKind, first_input
 from splitgrow.splitting import neurons
-from splitgrow.splitting.activations import slice_scale
+from splitgrow.splitting.activations import slice_elements
 from splitgrow.splitting.executor import Executor
 
-# on the CPU; times activations.slice_scale on an accelerator
+# on the CPU; larger on an accelerator (activations.slice_elements)
 _CHUNK_ELEMENTS = 1 << 21  # bound on the elements of each chunk's temporaries (tangents, features)
 _HVP_SLICE_ELEMENTS = 1 << 20  # a slice's elements of the layer output, for S·v
 HVP_CHUNK = 32  # Hessian-vector products of the general route batched in one backward pass
@@ -271,7 +271,11 @@ GEMM_MAX_D = 48  # up to this d, Σ w x̃x̃ᵀ goes through x̃⊗x̃ features 
 
 
 def _chunk_elements(like: Tensor) -> int:
-    return _CHUNK_ELEMENTS * slice_scale(like.device)
+    return slice_elements(_CHUNK_ELEMENTS, like.device)
+
+
+def _hvp_slice_elements(like: Tensor) -> int:
+    return slice_elements(_HVP_SLICE_ELEMENTS, like.device)
 
 
 def weighted_grams(x: Tensor, w: Tensor) -> Tensor:
@@ -318,7 +322,7 @@ class ClosedFormProblem(LocalProblem):
         n, d, m = v.shape
         flat = v.permute(1, 0, 2).reshape(d, n * m)
         batch, _, p = self.w.shape
-        step = max(1, _HVP_SLICE_ELEMENTS * slice_scale(v.device) // max(1, n * m * p))
+        step = max(1, _hvp_slice_elements(v) // max(1, n * m * p))
         out: Tensor | None = None
         for a in range(0, batch, step):
             x = self.x if step >= batch else self.x.samples(a, a + step)
@@ -714,7 +718,7 @@ class ChainProblem(LocalProblem):
         (large fresh allocations cost more than the arithmetic on them: ~4× on CPU)."""
         if self._state is not None:
             return self._state
-        step = max(1, _HVP_SLICE_ELEMENTS * slice_scale(self.y.device) // max(1, self.y[0].numel()))
+        step = max(1, _hvp_slice_elements(self.y) // max(1, self.y[0].numel()))
         self._state = []
         for s in range(0, self.y.shape[0], step):
             rows = slice(s, s + step)
