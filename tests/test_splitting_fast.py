@@ -499,3 +499,79 @@ def test_splitting_runs_in_full_float32_and_restores_tf32(monkeypatch: pytest.Mo
         assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@pytest.mark.parametrize("which", ["min", "both"])
+def test_locked_neurons_leave_the_iteration_and_keep_their_pairs(which: str) -> None:
+    """With lock, a neuron whose Ritz pairs meet (a fraction of) the tolerance is frozen: later
+    blocks are the other neurons' only, its result stays as it was, and every neuron ends within
+    the tolerance of its eigenvalues (spectra of different spreads: they converge at different
+    steps)."""
+    gen = torch.Generator().manual_seed(0)
+    n, d, tol = 6, 40, 1e-6
+    q, _ = torch.linalg.qr(torch.randn(n, d, d, generator=gen, dtype=torch.float64))
+    spectrum = torch.linspace(-1, 1, d, dtype=torch.float64).repeat(n, 1)
+    spectrum[:, 0], spectrum[:, -1] = -3.0, 3.0
+    spectrum[:, 1:-1] *= torch.linspace(0.05, 1.0, n, dtype=torch.float64)[:, None]
+    s = q @ torch.diag_embed(spectrum) @ q.transpose(1, 2)
+    solver = BlockSubspace(n, d, which, 1, tol, gen, torch.device("cpu"), lock=True)
+    sizes, frozen = [], {}
+    while not solver.converged:
+        ids = solver.neurons
+        rows = torch.arange(n) if ids is None else ids
+        assert solver.pending.shape[0] == len(rows)
+        solver.update(s[rows] @ solver.pending)
+        sizes.append(len(rows))
+        if solver.neurons is not None:  # the frozen ones' pairs, once and for all
+            for i in sorted(set(range(n)) - set(solver.neurons.tolist())):
+                now = {e: (v[i].clone(), x[i].clone()) for e, (v, x) in solver.result().items()}
+                for e, (v, x) in frozen.setdefault(i, now).items():
+                    assert torch.equal(now[e][0], v) and torch.equal(now[e][1], x)
+    assert sizes[-1] < n and sizes == sorted(sizes, reverse=True)  # some left before the end
+    assert solver.residual.shape == (n,) and bool((solver.residual <= tol).all())
+    for end, (values, vectors) in solver.result().items():
+        want = spectrum[:, 0] if end == "min" else spectrum[:, -1]
+        assert torch.allclose(values, want, atol=3 * tol * 3.0)
+        image = (s @ vectors[:, :, None])[:, :, 0]
+        assert torch.allclose(image, values[:, None] * vectors, atol=1e-4)
+
+
+def test_closed_form_products_of_a_subset_of_neurons() -> None:
+    """The closed form's S·v for some neurons equals the rows of the products of all (float64,
+    in slices of samples too)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, 3, padding=1).double()
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    patches = neurons.handler(conv).operator(conv, x)
+    assert patches is not None
+    w = torch.randn(4, 5, 36, dtype=torch.float64)
+    problem = ClosedFormProblem(patches, w, torch.zeros(5, 28, dtype=torch.float64))
+    v = torch.randn(5, 28, 2, dtype=torch.float64)
+    full = problem.hvp(v)
+    dense = patches.dense().reshape(-1, 28)  # the slow route: Σ_p w x̃ x̃ᵀ v, neuron by neuron
+    for i in range(5):
+        brute = dense.t() @ (w[:, i].reshape(-1, 1) * (dense @ v[i]))
+        assert torch.allclose(full[i], brute, atol=1e-10)
+    ids = torch.tensor([3, 0])
+    assert torch.allclose(problem.hvp_of(v[ids], ids), full[ids], atol=1e-12)
+    base = LocalProblem.hvp_of(problem, v[ids], ids)  # the generic route: all, then the rows
+    assert torch.allclose(base, full[ids], atol=1e-12)
+
+
+def test_fast_route_locks_closed_form_layers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the closed form the fast route asks for products of the neurons still iterating
+    only, and still agrees with exact."""
+    asked: list[int] = []
+    original = ClosedFormProblem.hvp_of
+
+    def spy(self: ClosedFormProblem, v: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+        asked.append(self.n if ids is None else len(ids))
+        return original(self, v, ids)
+
+    monkeypatch.setattr(ClosedFormProblem, "hvp_of", spy)
+    model, batches = build("cnn1d")
+    exact = splitgrow.splitting_eigen(model, loss_fn, batches)
+    fast = splitgrow.splitting_eigen(model, loss_fn, batches, method="fast")
+    assert min(asked) < max(asked)  # some products for fewer neurons than the layer has
+    for layer, e in exact.items():
+        assert _agreement(fast[layer].values, e.values) >= 0.95, layer
