@@ -29,6 +29,8 @@ from _models import REGISTRY, build, loss_fn
 import splitgrow
 from splitgrow import cli, splitting_eigen
 from splitgrow import distributed as sgdist
+from splitgrow.splitting import eigen as eigen_module
+from splitgrow.splitting.solvers import BlockSubspace
 
 TOL = 1e-8
 
@@ -262,3 +264,25 @@ def test_compare_cli_under_torchrun(tmp_path: Path) -> None:
         ("s2d", 2, True), ("uniform", 2, True)
     ]  # fmt: skip
     assert (out / "table.md").read_text().count("| s2d |") == 1
+
+
+def test_solvers_that_disagree_across_processes_stop_with_an_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each step's state (converged, columns, the neurons still iterating) goes through one
+    all-gather; processes whose solvers took different steps get an error, not a hang at the
+    next collective."""
+    gen = torch.Generator().manual_seed(0)
+    solver = BlockSubspace(4, 6, "min", 1, 1e-2, gen, torch.device("cpu"), lock=True)
+    seen: list[str] = []
+
+    def agree(text: str) -> bool:
+        seen.append(text)
+        return len(seen) == 1  # the first check agrees, the second does not
+
+    monkeypatch.setattr(sgdist, "all_agree", agree)
+    eigen_module._check_solvers_agree({"a": solver})
+    solver.update(torch.randn(4, 6, 1, dtype=torch.float64, generator=gen))
+    with pytest.raises(RuntimeError, match="disagree on which neurons have converged"):
+        eigen_module._check_solvers_agree({"a": solver})
+    assert seen[0] != seen[1]  # the state after a step differs from the one before

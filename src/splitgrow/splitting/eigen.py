@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, is_dataclass
@@ -531,7 +532,26 @@ def _data_pass(
     for name, solver in active.items():
         if name not in deferred:
             solver.update(sums.pop(name) / total)
+    if distributed and active:
+        _check_solvers_agree(active)
     return {k: v.div_(total) for k, v in sums.items()}, total, kept_problems
+
+
+def _check_solvers_agree(solvers: dict[str, BlockSubspace]) -> None:
+    """Every process's solvers must take the same next step: they see the same summed products,
+    so on machines of one kind they compute the same; on processors or libraries that round
+    differently a borderline residual could differ, and the next collective would then
+    mismatch or hang. Checked after each step (one small all-gather): an error instead."""
+    state = ";".join(
+        f"{name}:{s.converged}:{s.size}:{'' if s.neurons is None else s.neurons.tolist()}"
+        for name, s in sorted(solvers.items())
+    )
+    if not sgdist.all_agree(hashlib.sha256(state.encode()).hexdigest()):
+        raise RuntimeError(
+            "the processes' eigen-solvers disagree on which neurons have converged (their "
+            "processors or math libraries round differently); run the splitting with "
+            "method='exact', or on machines of one kind"
+        )
 
 
 def _footprint(obj: object, seen: set[int]) -> int:
@@ -580,6 +600,8 @@ def _iterate_in_memory(
             sgdist.sum_statistics(sums, total, device)
         for name, solver in active.items():
             solver.update(sums[name] / total)
+        if distributed:
+            _check_solvers_agree(active)
         steps += 1
 
 
