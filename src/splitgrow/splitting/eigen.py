@@ -314,7 +314,6 @@ def splitting_eigen(
         name: BlockSubspace(
             r.info.n, r.info.d, which, _first_block(block, name in cacheable and limit > 0),
             tol, gen, torch.device("cpu"),  # small, and its decompositions are faster there
-            lock=r.route.kind == "closed-form",  # there a subset of neurons costs less
         )
         for name, r in recipes.items()
         if chosen[name] == "fast"
@@ -509,7 +508,7 @@ def _data_pass(
                 contrib = None
             elif name in active:
                 v = active[name].pending.to(device, dtype)
-                contrib = problem.hvp_of(v, active[name].neurons).to(torch.float64) * size
+                contrib = problem.hvp(v).to(torch.float64) * size
             else:  # a fresh tensor: scaled in place (n·d² numbers: 5 GiB on a 256-wide conv)
                 contrib = problem.matrices().mul_(size)
             if contrib is not None:
@@ -594,7 +593,7 @@ def _iterate_in_memory(
         for problems, size in kept:
             for name, solver in active.items():
                 v = solver.pending.to(device, dtype)
-                contrib = problems[name].hvp_of(v, solver.neurons).to(torch.float64) * size
+                contrib = problems[name].hvp(v).to(torch.float64) * size
                 sums[name] = contrib if name not in sums else sums[name] + contrib
         if distributed:
             sgdist.sum_statistics(sums, total, device)

@@ -239,16 +239,6 @@ class LocalProblem:
         """S_b v for every neuron and block column: ``v`` and result ``(n, d, m)``."""
         raise NotImplementedError
 
-    def hvp_of(self, v: Tensor, neurons: Tensor | None) -> Tensor:
-        """S_b v for the neurons ``neurons`` (ids; ``v`` and result ``(len(neurons), d, m)``), or
-        for all (``None``). Here through all neurons' products, the others' columns zero; routes
-        whose neurons' products are separate compute only those asked for."""
-        if neurons is None:
-            return self.hvp(v)
-        full = v.new_zeros(self.n, *v.shape[1:])
-        full[neurons] = v
-        return self.hvp(full)[neurons]
-
     def projected(self, u: Tensor) -> Tensor:
         """uᵀ S_b u for every neuron, ``u`` ``(d, k)``: ``(n, k, k)``. Here from k products
         S·v; routes that share input patches x̃ across neurons do it for less."""
@@ -327,26 +317,18 @@ class ClosedFormProblem(LocalProblem):
         return weighted_grams(self.x.dense().reshape(-1, self.d), self._flat_weights())
 
     def hvp(self, v: Tensor) -> Tensor:
-        return self.hvp_of(v, None)
-
-    def hvp_of(self, v: Tensor, neurons: Tensor | None) -> Tensor:
         """In slices of samples, each with at most ``_HVP_SLICE_ELEMENTS`` products X̃v: a wide
-        layer's products on a whole batch are as large as its activations. Each neuron's product
-        is its own: those of ``neurons`` cost only theirs."""
+        layer's products on a whole batch are as large as its activations."""
         n, d, m = v.shape
         flat = v.permute(1, 0, 2).reshape(d, n * m)
         batch, _, p = self.w.shape
         step = max(1, _hvp_slice_elements(v) // max(1, n * m * p))
-        if neurons is not None:
-            neurons = neurons.to(self.w.device)
         out: Tensor | None = None
         for a in range(0, batch, step):
             x = self.x if step >= batch else self.x.samples(a, a + step)
             xv = x.times(flat)  # (b, n·m, P)
             b = xv.shape[0]
-            w = self.w[a : a + step]
-            w = w if neurons is None else w.index_select(1, neurons)
-            xv = xv.view(b, n, m, p) * w.unsqueeze(2)
+            xv = xv.view(b, n, m, p) * self.w[a : a + step].unsqueeze(2)
             g = x.t_times(xv.view(b, n * m, p))
             out = g if out is None else out.add_(g)
         assert out is not None

@@ -19,8 +19,6 @@ from torch import Tensor
 WHICH = ("min", "max", "both")
 GROW_ROWS = 4  # rows the search space's buffers grow by
 EIGH_GROUP_ELEMENTS = 1 << 24  # matrix entries per group of neurons in one batched eigh
-LOCK_MIN_COLUMNS = 3  # with lock, a neuron is frozen only once its space has this many columns
-LOCK_TOL_FACTOR = 0.25  # ... and its residual is below this fraction of the tolerance
 
 
 def canonical_sign(vectors: Tensor) -> Tensor:
@@ -92,13 +90,6 @@ class BlockSubspace:
             on a GPU its many tiny decompositions cost more than the copies of the products).
             The state is kept in float64; ``update`` and ``start_from`` take tensors on any
             device.
-        lock: freeze each neuron once its Ritz pairs meet ``LOCK_TOL_FACTOR`` times the
-            tolerance, with at least ``LOCK_MIN_COLUMNS`` columns (a space of one or two can
-            hold a converged pair of an inner eigenvalue); its result is kept and it leaves the
-            iteration: ``pending``, ``basis`` and the images given to ``update`` are then those
-            of the neurons ``neurons`` only. Worth it where the products of a subset of neurons
-            cost less (the closed form's); without it every neuron iterates until all have
-            converged.
     """
 
     def __init__(
@@ -110,23 +101,9 @@ class BlockSubspace:
         tol: float,
         generator: torch.Generator,
         device: torch.device,
-        lock: bool = False,
     ) -> None:
         self.n, self.d, self.which, self.tol = n, d, which, tol
-        self.device, self.lock = device, lock
-        # the neurons still iterating (their ids), and what the frozen ones left: each wanted
-        # end's value and vector, the residual, and the largest |θ| at each end among them
-        self._active = torch.arange(n, device=device)
-        self._final: dict[str, tuple[Tensor, Tensor]] = {
-            end: (
-                torch.zeros(n, dtype=torch.float64, device=device),
-                torch.zeros(n, d, dtype=torch.float64, device=device),
-            )
-            for end in ("min", "max")
-            if which in (end, "both")
-        }
-        self._final_residual = torch.zeros(n, dtype=torch.float64, device=device)
-        self._frozen_scale = torch.zeros(2, dtype=torch.float64, device=device)
+        self.device = device
         self.set_block(block)
         self.gen = generator
         f64 = torch.float64
@@ -141,25 +118,11 @@ class BlockSubspace:
         self.converged = False
         self.values = torch.zeros(n, 0, dtype=f64, device=device)
         self.coords = torch.zeros(n, 0, 0, dtype=f64, device=device)
-        self._residual = torch.full((n,), float("inf"), dtype=f64, device=device)
-
-    @property
-    def neurons(self) -> Tensor | None:
-        """The ids of the neurons still iterating (those of ``pending``), or ``None`` for all."""
-        return None if self._active.numel() == self.n else self._active
-
-    @property
-    def residual(self) -> Tensor:
-        """Every neuron's relative residual ``(n,)``; a frozen neuron's as it was when frozen."""
-        if self.neurons is None:
-            return self._residual
-        out = self._final_residual.clone()
-        out[self._active] = self._residual
-        return out
+        self.residual = torch.full((n,), float("inf"), dtype=f64, device=device)
 
     @property
     def basis(self) -> Tensor:
-        """The orthonormal search space ``(n, d, size)`` (a view; the iterating neurons')."""
+        """The orthonormal search space ``(n, d, size)`` (a view)."""
         return self._rows[:, : self._size].transpose(1, 2)
 
     def _grow(self, m: int) -> None:
@@ -172,16 +135,15 @@ class BlockSubspace:
         cap = min(need + GROW_ROWS - 1, self.d + m)
         for name in ("_rows", "_image_rows"):
             old = getattr(self, name)
-            new = old.new_zeros(old.shape[0], cap, self.d)
+            new = old.new_zeros(self.n, cap, self.d)
             new[:, : self._size] = old[:, : self._size]
             setattr(self, name, new)
-        projected = self._projected.new_zeros(self._projected.shape[0], cap, cap)
+        projected = self._projected.new_zeros(self.n, cap, cap)
         projected[:, : self._size, : self._size] = self._projected[:, : self._size, : self._size]
         self._projected = projected
 
     def update(self, images: Tensor) -> None:
-        """Take S·pending ``(n, d, m)`` (the iterating neurons' with ``lock``), solve the
-        projected problem, choose the next block."""
+        """Take S·pending ``(n, d, m)``, solve the projected problem, choose the next block."""
         m, old = self.pending.shape[2], self._size
         self._grow(m)
         size = old + m
@@ -203,42 +165,17 @@ class BlockSubspace:
         res = c @ y - (c @ q) * self.values[:, wanted, None]  # residual rows (n, w, d)
         res_norm = res.norm(dim=2)  # (n, len(wanted))
         ends = [0] if self.which == "min" else [size - 1] if self.which == "max" else [0, size - 1]
-        # each end relative to its own largest |θ| over the neurons (the frozen ones included),
-        # as its accuracy is judged
-        scales = torch.maximum(
-            self.values[:, ends].abs().amax(dim=0), self._frozen_scale[: len(ends)]
-        ).clamp_min(torch.finfo(torch.float64).tiny)
+        # each end relative to its own largest |θ| over the neurons, as its accuracy is judged
+        scales = self.values[:, ends].abs().amax(dim=0).clamp_min(torch.finfo(torch.float64).tiny)
         tracked = torch.stack([res_norm[:, wanted.index(e)] for e in ends], dim=1)
-        self._residual = (tracked / scales).max(dim=1).values
+        self.residual = (tracked / scales).max(dim=1).values
         room = self.d - size
-        done = self._residual <= self.tol
-        if room <= 0 or bool(done.all()):
+        if room <= 0 or bool((self.residual <= self.tol).all()):
             self.converged = True
             self.pending = self.basis[:, :, :0]
             return
-        frozen = self._residual <= self.tol * LOCK_TOL_FACTOR
-        if self.lock and size >= LOCK_MIN_COLUMNS and bool(frozen.any()):
-            self._freeze(frozen, ends)
-            res = res[~frozen]
         nxt = res[:, : min(self.block, room)].transpose(1, 2)
         self.pending = _orthonormalize(nxt, self.basis, self.gen)
-
-    def _freeze(self, done: Tensor, ends: list[int]) -> None:
-        """Keep the results of the iterating neurons ``done`` (a mask) and drop them from the
-        iteration."""
-        ids = self._active[done]
-        for end, (values, vectors) in self._ritz_pairs().items():
-            self._final[end][0][ids] = values[done]
-            self._final[end][1][ids] = vectors[done]
-        self._final_residual[ids] = self._residual[done]
-        frozen = self.values[done][:, ends].abs().amax(dim=0)
-        self._frozen_scale[: len(ends)] = torch.maximum(self._frozen_scale[: len(ends)], frozen)
-        keep = ~done
-        self._active = self._active[keep]
-        self._rows, self._image_rows = self._rows[keep], self._image_rows[keep]
-        self._projected = self._projected[keep]
-        self.values, self.coords = self.values[keep], self.coords[keep]
-        self._residual = self._residual[keep]
 
     def start_from(self, u: Tensor, projected: Tensor) -> None:
         """Make the next block the Ritz vectors, at the wanted ends, of the problem projected on
@@ -246,8 +183,7 @@ class BlockSubspace:
         better than random where S's extreme eigenvectors lie mostly in span(u)."""
         if self.converged:
             return
-        projected = projected.to(self.device, torch.float64)[self._active]
-        _, coords = torch.linalg.eigh(projected)
+        _, coords = torch.linalg.eigh(projected.to(self.device, torch.float64))
         wanted = self._wanted(coords.shape[2])
         x = u.to(self.device, torch.float64) @ coords[:, :, wanted]  # (n, d, len(wanted))
         self.pending = _orthonormalize(x, self.basis, self.gen)
@@ -272,25 +208,12 @@ class BlockSubspace:
         hi = [size - 1 - i for i in range(max(1, k - len(lo))) if size - 1 - i not in lo]
         return lo + hi
 
-    def _ritz_pairs(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """The iterating neurons' current Ritz pairs at the requested ends."""
+    def result(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """The current Ritz pairs at the requested ends (values ``(n,)``, vectors ``(n, d)``)."""
         out = {}
         size = self._size
         for end, col in (("min", 0), ("max", size - 1)):
             if self.which in (end, "both"):
-                vec = self.coords[:, None, :, col] @ self._rows[:, :size]  # (·, 1, d)
+                vec = self.coords[:, None, :, col] @ self._rows[:, :size]  # (n, 1, d)
                 out[end] = (self.values[:, col], canonical_sign(vec[:, 0]))
-        return out
-
-    def result(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """Every neuron's Ritz pairs at the requested ends (values ``(n,)``, vectors ``(n, d)``):
-        the current ones, or those kept when the neuron was frozen."""
-        current = self._ritz_pairs()
-        if self.neurons is None:
-            return current
-        out = {}
-        for end, (values, vectors) in current.items():
-            all_values, all_vectors = (t.clone() for t in self._final[end])
-            all_values[self._active], all_vectors[self._active] = values, vectors
-            out[end] = (all_values, all_vectors)
         return out
