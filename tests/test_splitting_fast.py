@@ -499,3 +499,21 @@ def test_splitting_runs_in_full_float32_and_restores_tf32(monkeypatch: pytest.Mo
         assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_a_late_start_never_grows_the_space_beyond_r_d() -> None:
+    """start_from after products, with fewer columns left than it would add: the space stops at
+    d, where the solver is exact."""
+    gen = torch.Generator().manual_seed(0)
+    n, d = 3, 7
+    a = torch.randn(n, d, d, generator=gen, dtype=torch.float64)
+    s = a + a.transpose(1, 2)
+    solver = BlockSubspace(n, d, "both", 3, 1e-14, gen, torch.device("cpu"))
+    solver.update(s @ solver.pending)
+    solver.update(s @ solver.pending)  # 6 of 7 columns
+    u = torch.linalg.qr(torch.randn(d, 5, generator=gen, dtype=torch.float64))[0]
+    solver.start_from(u, u.t() @ s @ u)  # the wanted ends of 5 columns: 3, with room for 1
+    solver.update(s @ solver.pending)
+    assert solver.size == d and solver.converged
+    values, _ = solver.result()["min"]
+    assert torch.allclose(values, torch.linalg.eigvalsh(s)[:, 0], atol=1e-10)

@@ -541,13 +541,10 @@ def _check_solvers_agree(solvers: dict[str, BlockSubspace]) -> None:
     so on machines of one kind they compute the same; on processors or libraries that round
     differently a borderline residual could differ, and the next collective would then
     mismatch or hang. Checked after each step (one small all-gather): an error instead."""
-    state = ";".join(
-        f"{name}:{s.converged}:{s.size}:{'' if s.neurons is None else s.neurons.tolist()}"
-        for name, s in sorted(solvers.items())
-    )
+    state = ";".join(f"{name}:{s.converged}:{s.size}" for name, s in sorted(solvers.items()))
     if not sgdist.all_agree(hashlib.sha256(state.encode()).hexdigest()):
         raise RuntimeError(
-            "the processes' eigen-solvers disagree on which neurons have converged (their "
+            "the processes' eigen-solvers disagree on whether they have converged (their "
             "processors or math libraries round differently); run the splitting with "
             "method='exact', or on machines of one kind"
         )

@@ -181,10 +181,11 @@ class BlockSubspace:
         """Make the next block the Ritz vectors, at the wanted ends, of the problem projected on
         the columns of ``u`` ``(d, k)`` (``projected``: uᵀ S_i u, ``(n, k, k)``): a start far
         better than random where S's extreme eigenvectors lie mostly in span(u)."""
-        if self.converged:
+        room = self.d - self._size
+        if self.converged or room <= 0:
             return
         _, coords = torch.linalg.eigh(projected.to(self.device, torch.float64))
-        wanted = self._wanted(coords.shape[2])
+        wanted = self._wanted(coords.shape[2])[:room]  # never beyond the whole of R^d
         x = u.to(self.device, torch.float64) @ coords[:, :, wanted]  # (n, d, len(wanted))
         self.pending = _orthonormalize(x, self.basis, self.gen)
 
