@@ -29,11 +29,10 @@ AUTO_MAX_D = 512
 AUTO_MAX_D_GENERAL = 64
 AUTO_MAX_BYTES = 1 << 30
 #: ... and on the closed-form and chain routes (on the CPU; see AUTO_MAX_D_ACCELERATOR), only
-#: while d is at most this when the fast route
-#: may iterate on statistics kept in memory (``cache`` not ``False``): there it needs far fewer
-#: than d products (MobileNet width 128, d = 129: R 3.3 against exact's 26; width 32, d = 33:
-#: 3–8 products, 0.06–1.3 epochs per layer against exact's 0.3–3.8; d = 28: even, 3.1 against
-#: 3.5; ``benchmarks/results/eigen_cost_cpu.md``)
+#: while d is at most this when the fast route may iterate on statistics kept in memory
+#: (``cache`` not ``False``): there it needs far fewer than d products (MobileNet width 128,
+#: d = 129: R 3.3 against exact's 26; width 32, d = 33: 3–8 products, 0.06–1.3 epochs per layer
+#: against exact's 0.3–3.8; d = 28: even, 3.1 against 3.5; ``benchmarks/results/eigen_cost_cpu.md``)
 AUTO_MAX_D_IN_MEMORY = 32
 #: on a GPU, closed-form and chain routes: exact only while d is at most this, whether or not the
 #: fast route may iterate in memory; there the exact route's large batched products gain most and
