@@ -1,7 +1,8 @@
 """Run ``splitgrow compare`` on the benchmark settings and write a result table per setting.
 
     .venv/bin/python benchmarks/compare.py mnist1d-mlp            # one setting
-    .venv/bin/python benchmarks/compare.py all                    # every offline setting
+    .venv/bin/python benchmarks/compare.py all                    # the four offline settings
+    .venv/bin/python benchmarks/compare.py heldout                # the held-out settings
     .venv/bin/python benchmarks/compare.py cifar10-mobilenet --data-dir ~/data/cifar10
     .venv/bin/python benchmarks/compare.py digits-mlp --quick     # a smoke run (minutes)
     .venv/bin/python benchmarks/compare.py mnist1d-mlp --methods s2d s3d --tag strategies
@@ -49,8 +50,23 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "budget_params": 60000, "epochs": 30, "rounds": 5, "epochs_per_round": 4,
         "nas_trials": 4, "tune_trials": 2,
     },
+    # held out: settings never used to choose a default (rounds, epochs per round, ε, shrink),
+    # run with the library's defaults, to check that what wins above is not fitted to it
+    "heldout-mnist1d-mlp3": {
+        "dataset": "mnist1d", "model": "mlp", "widths": [8, 8, 8], "budget_params": 6000,
+        "epochs": 150,
+    },
+    "heldout-digits-cnn-2k": {
+        "dataset": "digits", "model": "cnn", "widths": [4, 4, 4, 4], "budget_params": 2000,
+        "epochs": 40, "nas_trials": 6,
+    },
+    "heldout-mnist1d-cnn1d-3k": {
+        "dataset": "mnist1d", "model": "cnn1d", "widths": [4, 4, 4, 4], "budget_params": 3000,
+        "epochs": 60, "nas_trials": 6,
+    },
 }  # fmt: skip
 OFFLINE = ["digits-mlp", "digits-cnn", "mnist1d-mlp", "mnist1d-cnn1d"]
+HELD_OUT = [name for name in SETTINGS if name.startswith("heldout-")]
 
 
 def machine() -> str:
@@ -70,7 +86,7 @@ def machine() -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("setting", choices=[*SETTINGS, "all"])
+    p.add_argument("setting", choices=[*SETTINGS, "all", "heldout"])
     p.add_argument("--data-dir", default=None, help="CIFAR-10 folder (python-pickle layout)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="a smoke run: few epochs, one seed")
@@ -90,7 +106,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--methods", nargs="+", default=None, help="only these methods")
     args = p.parse_args()
-    names = OFFLINE if args.setting == "all" else [args.setting]
+    names = {"all": OFFLINE, "heldout": HELD_OUT}.get(args.setting, [args.setting])
     for name in names:
         fields = dict(SETTINGS[name])
         if name.startswith("cifar"):
