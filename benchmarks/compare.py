@@ -60,6 +60,14 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "dataset": "digits", "model": "cnn", "widths": [4, 4, 4, 4], "budget_params": 2000,
         "epochs": 40, "nas_trials": 6,
     },
+    "heldout-digits-mlp-1500": {
+        "dataset": "digits", "model": "mlp", "widths": [4, 4], "budget_params": 1500,
+        "epochs": 60,
+    },
+    "heldout-digits-mlp3": {
+        "dataset": "digits", "model": "mlp", "widths": [4, 4, 4], "budget_params": 3000,
+        "epochs": 60,
+    },
     "heldout-mnist1d-cnn1d-3k": {
         "dataset": "mnist1d", "model": "cnn1d", "widths": [4, 4, 4, 4], "budget_params": 3000,
         "epochs": 60, "nas_trials": 6,
