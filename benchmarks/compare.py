@@ -77,6 +77,11 @@ OFFLINE = ["digits-mlp", "digits-cnn", "mnist1d-mlp", "mnist1d-cnn1d"]
 HELD_OUT = [name for name in SETTINGS if name.startswith("heldout-")]
 
 
+def settings_named(name: str) -> list[str]:
+    """The settings that the command-line name ``name`` runs ('all', 'heldout' or one)."""
+    return {"all": OFFLINE, "heldout": HELD_OUT}.get(name, [name])
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -114,7 +119,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--methods", nargs="+", default=None, help="only these methods")
     args = p.parse_args()
-    names = {"all": OFFLINE, "heldout": HELD_OUT}.get(args.setting, [args.setting])
+    names = settings_named(args.setting)
     for name in names:
         fields = dict(SETTINGS[name])
         if name.startswith("cifar"):
@@ -146,6 +151,7 @@ def main() -> None:
             f"Machine: {machine()}\n\n{table}"
         )
         target = Path("benchmarks/results") / f"compare_{name}{suffix}.md"
+        target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(report)
         print(report)
 
