@@ -9,8 +9,8 @@
 
 Each setting writes its run directory to ``runs/bench-<setting>[_quick][_<tag>]`` and its table,
 with the command and the machine, to ``benchmarks/results/compare_<setting>[_quick][_<tag>].md``,
-both under the current directory. Each setting runs its own number of seeds (the one its committed
-table used) unless ``--seeds`` is given.
+both under the current directory. Each setting runs its own number of seeds (for an offline one,
+the one its committed table used) unless ``--seeds`` is given.
 """
 
 from __future__ import annotations
