@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import pytest
 from _runs import eigen_cost_agreement
@@ -85,12 +84,22 @@ def test_compare_benchmark_settings_are_valid_comparisons() -> None:
     ("argv", "names", "seeds"),
     [
         (["all"], ["digits-mlp", "digits-cnn", "mnist1d-mlp", "mnist1d-cnn1d"], [5, 5, 5, 3]),
-        (["heldout", "--seeds", "4"], None, 4),
+        (
+            ["heldout", "--seeds", "4"],
+            [
+                "heldout-mnist1d-mlp3",
+                "heldout-digits-cnn-2k",
+                "heldout-digits-mlp-1500",
+                "heldout-digits-mlp3",
+                "heldout-mnist1d-cnn1d-3k",
+            ],
+            [4, 4, 4, 4, 4],
+        ),
         (["heldout-digits-mlp3"], ["heldout-digits-mlp3"], [5]),
     ],
 )
 def test_compare_benchmark_command_line_runs_what_it_names(
-    argv: list[str], names: list[str] | None, seeds: Any,
+    argv: list[str], names: list[str], seeds: list[int],
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     """The group names run the settings they stand for, each with its own seeds unless
@@ -107,10 +116,8 @@ def test_compare_benchmark_command_line_runs_what_it_names(
     monkeypatch.setattr(sys, "argv", ["compare.py", *argv])
     monkeypatch.chdir(tmp_path)
     bench.main()
-    expected = bench.HELD_OUT if names is None else names
-    assert [name for name, _ in ran] == [f"bench-{n}" for n in expected]
-    assert [s for _, s in ran] == (seeds if isinstance(seeds, list) else [seeds] * len(expected))
-    for n in expected:
+    assert ran == [(f"bench-{n}", s) for n, s in zip(names, seeds, strict=True)]
+    for n in names:
         assert (tmp_path / f"benchmarks/results/compare_{n}.md").is_file()
 
 
