@@ -127,7 +127,7 @@ def main() -> None:
         fields = dict(SETTINGS[name])
         if name.startswith("cifar"):
             if args.data_dir is None:
-                sys.exit("cifar10-mobilenet needs --data-dir")
+                p.error("cifar10-mobilenet needs --data-dir")
             fields["data_dir"] = args.data_dir
         if args.seeds is not None:
             fields["seeds"] = args.seeds

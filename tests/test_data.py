@@ -5,9 +5,9 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from _fixtures import write_cifar
 
 from splitgrow import data
 
@@ -37,32 +37,9 @@ def test_mnist1d_generated_locally() -> None:
     assert set(d.train.y.unique().tolist()) == set(range(10))
 
 
-def _write_cifar(root: Path, classes: int, n: int = 20) -> None:
-    rng = np.random.default_rng(0)
-
-    def batch(k: int) -> dict:
-        key = b"labels" if classes == 10 else b"fine_labels"
-        return {
-            b"data": rng.integers(0, 256, size=(k, 3072), dtype=np.uint8),
-            key: rng.integers(0, classes, size=k).tolist(),
-        }
-
-    if classes == 10:
-        folder = root / "cifar-10-batches-py"
-        folder.mkdir(parents=True)
-        for i in range(1, 6):
-            (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch(n)))
-        (folder / "test_batch").write_bytes(pickle.dumps(batch(n)))
-    else:
-        folder = root / "cifar-100-python"
-        folder.mkdir(parents=True)
-        (folder / "train").write_bytes(pickle.dumps(batch(5 * n)))
-        (folder / "test").write_bytes(pickle.dumps(batch(n)))
-
-
 @pytest.mark.parametrize(("name", "classes"), [("cifar10", 10), ("cifar100", 100)])
 def test_cifar_fixture_in_standard_layout(tmp_path: Path, name: str, classes: int) -> None:
-    _write_cifar(tmp_path, classes)
+    write_cifar(tmp_path, classes)
     d = data.load(name, data_dir=tmp_path)
     assert d.in_shape == [3, 32, 32] and d.classes == classes
     assert len(d.train) + len(d.val) == 100 and len(d.test) == 20
@@ -74,7 +51,7 @@ class _Boom:
 
 
 def test_cifar_refuses_pickled_code(tmp_path: Path) -> None:
-    _write_cifar(tmp_path, 10)
+    write_cifar(tmp_path, 10)
     target = Path("/tmp/splitgrow_pwned")
     target.unlink(missing_ok=True)
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(
@@ -99,7 +76,7 @@ def test_cifar_missing_files(tmp_path: Path, setup, words: str) -> None:  # type
 
 
 def test_cifar_malformed_and_missing_dir(tmp_path: Path) -> None:
-    _write_cifar(tmp_path, 10)
+    write_cifar(tmp_path, 10)
     (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(b"not a pickle")
     with pytest.raises(ValueError, match="test_batch is not a CIFAR python batch"):
         data.load("cifar10", data_dir=tmp_path)

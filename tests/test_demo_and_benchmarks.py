@@ -10,6 +10,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from _fixtures import write_cifar
 from _runs import eigen_cost_agreement
 
 from splitgrow import demo
@@ -145,3 +146,31 @@ def test_compare_benchmark_writes_its_table(tmp_path: Path) -> None:
         assert 0.0 <= float(cells[2].split("±")[0]) <= 100.0, rows[method]
         assert 0 < int(cells[3]) <= 1500, rows[method]  # the setting's budget
     assert (tmp_path / "runs/bench-heldout-digits-mlp-1500_quick_t/results.json").is_file()
+
+
+def test_compare_benchmark_cifar_setting_runs_on_a_cifar_folder(tmp_path: Path) -> None:
+    """The CIFAR-10 MobileNet setting (no committed table: there is no CIFAR-10 on these machines)
+    reads a folder in the standard layout: a quick run writes its table, each method's network
+    within the setting's budget; without ``--data-dir`` it says what is missing (exit 2)."""
+    write_cifar(tmp_path / "data", 10)
+    script = str(ROOT / "benchmarks/compare.py")
+    done = subprocess.run(
+        [sys.executable, script, "cifar10-mobilenet", "--data-dir", str(tmp_path / "data"),
+         "--quick", "--methods", "s2d", "uniform"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = (tmp_path / "benchmarks/results/compare_cifar10-mobilenet_quick.md").read_text()
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")]
+        for line in table.splitlines()
+        if line.startswith("| ")
+    }
+    assert {"s2d", "uniform"} <= rows.keys()
+    for method in ("s2d", "uniform"):
+        assert 0 < int(rows[method][3]) <= 60000, rows[method]
+    missing = subprocess.run(
+        [sys.executable, script, "cifar10-mobilenet", "--quick"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert missing.returncode == 2 and "cifar10-mobilenet needs --data-dir" in missing.stderr
