@@ -150,6 +150,12 @@ def main() -> None:
         "--subsets", default="", help="also exact on random subsets of these sizes, e.g. 64,128"
     )
     p.add_argument(
+        "--layers",
+        default="",
+        help="only these layers, e.g. features.0 (default every splittable layer); each call "
+        "still runs the data pass over the whole network",
+    )
+    p.add_argument(
         "--micro-batch",
         type=int,
         default=None,
@@ -195,6 +201,7 @@ def main() -> None:
     subsets = [int(k) for k in args.subsets.split(",") if k]
     for k in subsets:
         methods.append(f"exact@{k}")
+    layers = [k for k in args.layers.split(",") if k] or None
     order = torch.randperm(args.samples, generator=torch.Generator().manual_seed(1))
     results: dict[str, dict[str, splitgrow.SplitEigen]] = {}
     times: dict[str, list[float]] = {m: [] for m in ["epoch", *methods]}
@@ -213,6 +220,7 @@ def main() -> None:
             method=method,
             cache=False if passes else None,
             micro_batch=args.micro_batch,
+            layers=layers,
         )
 
     if args.peak_of:
@@ -241,7 +249,9 @@ def main() -> None:
         peaks = {m: _peak_in_subprocess(m) for m in ["epoch", *methods]}
     t_epoch = statistics.median(times["epoch"])
     m_epoch = peaks["epoch"]
-    exact = results.get("exact") or splitgrow.splitting_eigen(model, F.cross_entropy, batches)
+    exact = results.get("exact") or splitgrow.splitting_eigen(
+        model, F.cross_entropy, batches, layers=layers
+    )
     exact = {k: dataclasses.replace(e, values=e.values.cpu()) for k, e in exact.items()}
     size = (
         "ResNet-20 (16/32/64)" if args.model == "resnet20" else f"{args.model}, width {args.width}"
@@ -256,6 +266,7 @@ def main() -> None:
         f"# torch {torch.__version__}, {where}; {size}, N = {args.samples}, "
         f"batch {args.batch}"
         + (f" in slices of {args.micro_batch}" if args.micro_batch else "")
+        + (f", layers {','.join(layers)}" if layers else "")
         + f", median of {args.repeats}"
     )
     print(f"one training epoch: {t_epoch:.3f} s, peak memory {m_epoch:.0f} MB")

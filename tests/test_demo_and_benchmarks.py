@@ -42,6 +42,17 @@ def test_eigen_cost_benchmark_runs_small() -> None:
         assert good >= 0.95 * total
 
 
+def test_eigen_cost_benchmark_times_chosen_layers() -> None:
+    """``--layers``: the calls and the exact reference cover those layers only (2 × 4 neurons of
+    the width-4 MobileNet's 7 × 4)."""
+    rows = eigen_cost_agreement(
+        "--width", "4", "--samples", "16", "--batch", "8", "--repeats", "1",
+        "--methods", "exact,fast", "--layers", "features.0,features.6",
+    )  # fmt: skip
+    assert rows == {"exact": (8, 8), "fast": (rows["fast"][0], 8)}
+    assert rows["fast"][0] >= 7
+
+
 def test_eigen_cost_benchmark_compares_on_the_same_weights() -> None:
     """Measured in one process (as on CUDA), the training epoch's memory trains the model: it
     comes before the calls, so that the exact reference computed after them (no ``exact`` among
