@@ -163,6 +163,61 @@ def test_both_ends_converge_with_small_blocks(block: int) -> None:
     assert passes * max(block, 2) < d  # converged before the space became all of R^d
 
 
+def test_float32_storage_holds_half_and_finds_the_same_pairs() -> None:
+    """The search space kept in float32 (as for a float32 model's products): the same extreme
+    pairs as the float64 solver to float32's rounding, in as many steps, in half the memory."""
+    gen = torch.Generator().manual_seed(0)
+    d, n = 60, 4
+    q, _ = torch.linalg.qr(torch.randn(n, d, d, generator=gen, dtype=torch.float64))
+    spectrum = torch.linspace(-1, 1, d, dtype=torch.float64).repeat(n, 1)
+    spectrum[:, 0], spectrum[:, -1] = -3.0, 3.0
+    s = q @ torch.diag_embed(spectrum) @ q.transpose(1, 2)
+    out, steps, solvers = {}, {}, {}
+    for dtype in (torch.float64, torch.float32):
+        solver = BlockSubspace(
+            n, d, "both", 2, 1e-4, torch.Generator().manual_seed(1), torch.device("cpu"), dtype
+        )
+        steps[dtype] = 0
+        while not solver.converged:
+            solver.update((s @ solver.pending).to(dtype))  # products in the model's dtype
+            steps[dtype] += 1
+        out[dtype], solvers[dtype] = solver.result(), solver
+    assert steps[torch.float32] == steps[torch.float64] < d // 2
+    for end, value in (("min", -3.0), ("max", 3.0)):
+        values, vectors = out[torch.float32][end]
+        assert values.dtype == vectors.dtype == torch.float64
+        assert torch.allclose(values, torch.full((n,), value, dtype=torch.float64), atol=1e-4)
+        assert torch.allclose(values, out[torch.float64][end][0], atol=1e-5)
+        assert torch.allclose(vectors, out[torch.float64][end][1], atol=1e-4)
+    f32, f64 = solvers[torch.float32], solvers[torch.float64]
+    assert f32.basis.dtype == torch.float32 and f64.basis.dtype == torch.float64
+    assert 2 * f32.basis.element_size() == f64.basis.element_size()
+    assert f32.basis.shape == f64.basis.shape
+
+
+def test_splitting_eigen_keeps_a_float32_models_search_space_in_float32(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``splitting_eigen`` gives the fast route's solvers the model's dtype (float64 stays
+    float64, which the brute-force tests here check)."""
+    seen: list[torch.dtype] = []
+    original = eigen_module.BlockSubspace
+
+    def spy(*args: object, **kwargs: object) -> BlockSubspace:
+        solver = original(*args, **kwargs)  # type: ignore[arg-type]
+        seen.append(solver.dtype)
+        return solver
+
+    monkeypatch.setattr(eigen_module, "BlockSubspace", spy)
+    for dtype in (torch.float32, torch.float64):
+        model, batches = build("mobile_block")
+        model = model.to(dtype)
+        batches = [(x.to(dtype), y) for x, y in batches]
+        seen.clear()
+        splitgrow.splitting_eigen(model, loss_fn, batches, method="fast")
+        assert seen and set(seen) == {dtype}
+
+
 def test_fast_with_a_one_shot_generator_and_a_dataloader() -> None:
     """Several passes over data given as a generator (kept) or a DataLoader (re-iterated)."""
     model, batches = build("mobile_block")

@@ -313,6 +313,7 @@ def splitting_eigen(
         name: BlockSubspace(
             r.info.n, r.info.d, which, _first_block(block, name in cacheable and limit > 0),
             tol, gen, torch.device("cpu"),  # small, and its decompositions are faster there
+            torch.promote_types(dtype, torch.float32),  # the products' digits, no more
         )
         for name, r in recipes.items()
         if chosen[name] == "fast"

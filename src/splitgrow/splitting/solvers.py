@@ -56,13 +56,16 @@ def extreme_eigenpairs(matrices: Tensor, which: str) -> dict[str, tuple[Tensor, 
 
 
 def _orthonormalize(block: Tensor, basis: Tensor, generator: torch.Generator) -> Tensor:
-    """Columns of ``block`` made orthonormal and orthogonal to ``basis`` (both ``(n, d, ·)``)."""
+    """Columns of ``block`` made orthonormal and orthogonal to ``basis`` (both ``(n, d, ·)``; the
+    block in float64, the basis in the solver's storage dtype, in which the projection runs)."""
 
     def unit(t: Tensor) -> Tensor:
         return t / t.norm(dim=1, keepdim=True).clamp_min(1e-300)
 
     def project(t: Tensor) -> Tensor:
-        return t - basis @ (basis.transpose(1, 2) @ t) if basis.shape[2] else t
+        if not basis.shape[2]:
+            return t
+        return t - (basis @ (basis.transpose(1, 2) @ t.to(basis.dtype))).to(t.dtype)
 
     block = unit(block)
     for attempt in range(4):
@@ -88,8 +91,12 @@ class BlockSubspace:
         generator: random source of the initial block (CPU generator; reproducible).
         device: where the state lives (``splitting_eigen`` keeps it on the CPU: it is small, and
             on a GPU its many tiny decompositions cost more than the copies of the products).
-            The state is kept in float64; ``update`` and ``start_from`` take tensors on any
-            device.
+            ``update`` and ``start_from`` take tensors on any device.
+        dtype: storage of the search space and its images S·q, ``(n, size, d)`` each, the
+            solver's only large state: float64 (default), or the products' own dtype (float32
+            products carry no more digits; a width-256 layer of 3×3 convolutions holds 2 × 19 MB
+            per 4 columns in float64). The projected problems, their decompositions, the
+            residual norms and each new block's orthonormalisation are float64 either way.
     """
 
     def __init__(
@@ -101,16 +108,17 @@ class BlockSubspace:
         tol: float,
         generator: torch.Generator,
         device: torch.device,
+        dtype: torch.dtype = torch.float64,
     ) -> None:
         self.n, self.d, self.which, self.tol = n, d, which, tol
-        self.device = device
+        self.device, self.dtype = device, dtype
         self.set_block(block)
         self.gen = generator
         f64 = torch.float64
         # the search space and its images S·q as rows (n, capacity, d), grown in place, and the
         # projected matrix qᵢᵀ S qⱼ, extended by the new rows and columns at each update
-        self._rows = torch.zeros(n, 0, d, dtype=f64, device=device)
-        self._image_rows = torch.zeros(n, 0, d, dtype=f64, device=device)
+        self._rows = torch.zeros(n, 0, d, dtype=dtype, device=device)
+        self._image_rows = torch.zeros(n, 0, d, dtype=dtype, device=device)
         self._projected = torch.zeros(n, 0, 0, dtype=f64, device=device)
         self._size = 0
         start = torch.randn(n, d, self.block, generator=generator, dtype=torch.float64).to(device)
@@ -148,11 +156,11 @@ class BlockSubspace:
         self._grow(m)
         size = old + m
         self._rows[:, old:size] = self.pending.transpose(1, 2)
-        self._image_rows[:, old:size] = images.to(self.device, torch.float64).transpose(1, 2)
+        self._image_rows[:, old:size] = images.to(self.device, self.dtype).transpose(1, 2)
         q, y = self._rows[:, :size], self._image_rows[:, :size]
         # new columns qᵢᵀ S q_new for every i, symmetrised with the new rows q_newᵀ S qᵢ
-        cols = q @ y[:, old:].transpose(1, 2)  # (n, size, m)
-        rows = y @ q[:, old:].transpose(1, 2)  # (n, size, m): (S qᵢ)ᵀ q_new
+        cols = (q @ y[:, old:].transpose(1, 2)).double()  # (n, size, m)
+        rows = (y @ q[:, old:].transpose(1, 2)).double()  # (n, size, m): (S qᵢ)ᵀ q_new
         cols[:, :old] = 0.5 * (cols[:, :old] + rows[:, :old])
         new = cols[:, old:]
         cols[:, old:] = 0.5 * (new + new.transpose(1, 2))
@@ -161,8 +169,9 @@ class BlockSubspace:
         self._size = size
         self.values, self.coords = torch.linalg.eigh(self._projected[:, :size, :size])
         wanted = self._wanted(size)
-        c = self.coords[:, :, wanted].transpose(1, 2)  # (n, w, size)
-        res = c @ y - (c @ q) * self.values[:, wanted, None]  # residual rows (n, w, d)
+        c = self.coords[:, :, wanted].transpose(1, 2).to(self.dtype)  # (n, w, size)
+        theta = self.values[:, wanted, None].to(self.dtype)
+        res = (c @ y - (c @ q) * theta).double()  # residual rows (n, w, d)
         res_norm = res.norm(dim=2)  # (n, len(wanted))
         ends = [0] if self.which == "min" else [size - 1] if self.which == "max" else [0, size - 1]
         # each end relative to its own largest |θ| over the neurons, as its accuracy is judged
@@ -215,6 +224,7 @@ class BlockSubspace:
         size = self._size
         for end, col in (("min", 0), ("max", size - 1)):
             if self.which in (end, "both"):
-                vec = self.coords[:, None, :, col] @ self._rows[:, :size]  # (n, 1, d)
+                coords = self.coords[:, None, :, col].to(self.dtype)
+                vec = (coords @ self._rows[:, :size]).double()  # (n, 1, d)
                 out[end] = (self.values[:, col], canonical_sign(vec[:, 0]))
         return out
