@@ -1,12 +1,13 @@
 """Cost of ``splitting_eigen`` against one training epoch, and fast-vs-exact agreement.
 
-R = time(splitting_eigen over N samples, all splittable layers) / time(one training epoch: forward,
-backward and SGD step over the same N samples), measured in one process, alternated, median of
-``--repeats`` runs. Agreement: the fraction of neurons whose λ_min is within 2% of the layer's
-largest |λ| of the exact value. Peak memory: the resident-set growth during one call (of each
-method, and of one training epoch), each in its own process where freed memory goes back to the
-system at once (glibc: ``MALLOC_TRIM_THRESHOLD_=0``, ``MALLOC_MMAP_THRESHOLD_=65536``; the peak is
-reset through ``/proc/self/clear_refs`` before the call); Linux only.
+R = time(splitting_eigen over N samples, all splittable layers or those ``--layers`` names) /
+time(one training epoch: forward, backward and SGD step over the same N samples), measured in one
+process, alternated, median of ``--repeats`` runs. Agreement: the fraction of neurons whose λ_min
+is within 2% of the layer's largest |λ| of the exact value. Peak memory: the resident-set growth
+during one call (of each method, and of one training epoch), each in its own process where freed
+memory goes back to the system at once (glibc: ``MALLOC_TRIM_THRESHOLD_=0``,
+``MALLOC_MMAP_THRESHOLD_=65536``; the peak is reset through ``/proc/self/clear_refs`` before the
+call); Linux only.
 
 A method ``m-passes`` is ``m`` with ``cache=False``: a data pass per block of the fast route,
 instead of iterating on the statistics kept from the first pass.
