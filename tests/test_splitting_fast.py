@@ -143,15 +143,26 @@ def test_auto_takes_the_fast_route_for_wide_units(monkeypatch: pytest.MonkeyPatc
     assert {e.method for k, e in res.items() if k != "c3"} == {"exact"}
 
 
+def _known_spectrum(
+    n: int, d: int, gen: torch.Generator, low: float, high: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` random symmetric ``d × d`` matrices (float64) with eigenvalues spread over [−1, 1]
+    except the smallest, ``low``, and, if given, the largest, ``high``: their eigenvectors
+    ``(n, d, d)`` (column 0 for ``low``) and the matrices."""
+    q, _ = torch.linalg.qr(torch.randn(n, d, d, generator=gen, dtype=torch.float64))
+    spectrum = torch.linspace(-1, 1, d, dtype=torch.float64).repeat(n, 1)
+    spectrum[:, 0] = low
+    if high is not None:
+        spectrum[:, -1] = high
+    return q, q @ torch.diag_embed(spectrum) @ q.transpose(1, 2)
+
+
 @pytest.mark.parametrize("block", [1, 2])
 def test_both_ends_converge_with_small_blocks(block: int) -> None:
     """which="both" grows the space at both ends, not only the minimum."""
     gen = torch.Generator().manual_seed(0)
     d, n = 60, 3
-    q, _ = torch.linalg.qr(torch.randn(n, d, d, generator=gen, dtype=torch.float64))
-    spectrum = torch.linspace(-1, 1, d, dtype=torch.float64).repeat(n, 1)
-    spectrum[:, 0], spectrum[:, -1] = -3.0, 3.0  # isolated ends
-    s = q @ torch.diag_embed(spectrum) @ q.transpose(1, 2)
+    _, s = _known_spectrum(n, d, gen, -3.0, 3.0)  # isolated ends
     solver = BlockSubspace(n, d, "both", block, 1e-6, gen, torch.device("cpu"))
     passes = 0
     while not solver.converged:
@@ -168,10 +179,7 @@ def test_float32_storage_holds_half_and_finds_the_same_pairs() -> None:
     pairs as the float64 solver to float32's rounding, in as many steps, in half the memory."""
     gen = torch.Generator().manual_seed(0)
     d, n = 60, 4
-    q, _ = torch.linalg.qr(torch.randn(n, d, d, generator=gen, dtype=torch.float64))
-    spectrum = torch.linspace(-1, 1, d, dtype=torch.float64).repeat(n, 1)
-    spectrum[:, 0], spectrum[:, -1] = -3.0, 3.0
-    s = q @ torch.diag_embed(spectrum) @ q.transpose(1, 2)
+    _, s = _known_spectrum(n, d, gen, -3.0, 3.0)
     out, steps, solvers = {}, {}, {}
     for dtype in (torch.float64, torch.float32):
         solver = BlockSubspace(
@@ -382,10 +390,7 @@ def test_a_start_from_the_right_subspace_converges_at_once() -> None:
     those eigenvectors: one block of products confirms them."""
     gen = torch.Generator().manual_seed(0)
     n, d = 3, 40
-    q, _ = torch.linalg.qr(torch.randn(n, d, d, generator=gen, dtype=torch.float64))
-    spectrum = torch.linspace(-1, 1, d, dtype=torch.float64).repeat(n, 1)
-    spectrum[:, 0] = -2.0
-    s = q @ torch.diag_embed(spectrum) @ q.transpose(1, 2)
+    q, s = _known_spectrum(n, d, gen, -2.0)
     solver = BlockSubspace(n, d, "min", 1, 1e-8, gen, torch.device("cpu"))
     solver.update(s @ solver.pending)  # a random first column, as the first data pass gives
     # a shared 6-dimensional subspace holding every neuron's eigenvector of λ = −2
