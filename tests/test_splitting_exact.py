@@ -314,16 +314,28 @@ def test_batchnorm1d_after_linear_on_3d_inputs_is_refused_on_data() -> None:
         splitgrow.splitting_eigen(model, loss_fn, batches)
 
 
-@pytest.mark.parametrize("d", [5, 60])
-def test_weighted_grams_both_paths_match_the_definition(d: int) -> None:
+@pytest.mark.parametrize(
+    ("n", "d", "chunk"), [(7, 5, None), (7, 5, 40), (7, 60, None), (2, 9, None)]
+)
+def test_weighted_grams_both_paths_match_the_definition(
+    n: int, d: int, chunk: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from splitgrow.splitting import local
     from splitgrow.splitting.local import GEMM_MAX_D, weighted_grams
 
+    if chunk is not None:  # 40 elements: 2 rows of 15 features per chunk, the last of 1 row
+        monkeypatch.setattr(local, "_CHUNK_ELEMENTS", chunk)
     gen = torch.Generator().manual_seed(d)
-    x = torch.randn(300, d, generator=gen, dtype=torch.float64)
-    w = torch.randn(7, 300, generator=gen, dtype=torch.float64)
+    x = torch.randn(301, d, generator=gen, dtype=torch.float64)
+    w = torch.randn(n, 301, generator=gen, dtype=torch.float64)
     expected = torch.einsum("ip,pa,pb->iab", w, x, x)
-    torch.testing.assert_close(weighted_grams(x, w), expected, rtol=1e-12, atol=1e-12)
-    assert (d <= GEMM_MAX_D) == (d == 5)  # both branches are exercised
+    got = weighted_grams(x, w)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    # the features path (upper triangle, mirrored: exactly symmetric) for d = 5; the grouped
+    # one for d = 60, and for d = 9 with fewer than d/2 neurons
+    assert (d <= GEMM_MAX_D and 2 * n >= d) == (d == 5)
+    if d == 5:
+        assert torch.equal(got, got.transpose(1, 2))
 
 
 @pytest.mark.parametrize("stride", [1, 2])
