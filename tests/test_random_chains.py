@@ -131,3 +131,61 @@ def test_random_chain_against_bruteforce(seed: int) -> None:
     with torch.no_grad():
         for x, _ in batches:
             assert float((split(x) - model(x)).abs().max()) < 1e-10
+
+
+@pytest.mark.parametrize(
+    "geometry",
+    [
+        {"kernel_size": 3, "padding": 1, "stride": 2},
+        {"kernel_size": 3, "padding": 0},
+        {"kernel_size": (3, 2), "padding": (2, 1), "dilation": (2, 1)},
+    ],
+)
+def test_depthwise_after_a_conv_producer_takes_the_shifted_products(
+    geometry: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """conv → BN → act → depthwise (strided, unpadded, dilated) → BN → act → 1×1: the exact
+    route's tangents through the depthwise conv come from shifted copies of the shared patches
+    (``_depthwise_of_shared``), and equal the brute force; with that path turned off, the conv
+    gives the same matrices."""
+    from splitgrow.splitting import local
+
+    torch.manual_seed(0)
+    n = 3
+    steps = [
+        nn.BatchNorm2d(n),
+        nn.Softplus(),
+        nn.Conv2d(n, n, groups=n, bias=False, **geometry),  # type: ignore[arg-type]
+        nn.BatchNorm2d(n),
+        nn.Tanh(),
+    ]
+    head = nn.Sequential(nn.Conv2d(n, 2, 1), nn.Flatten(), nn.LazyLinear(3))
+    model = Chain(nn.Conv2d(2, n, 3, padding=1), steps, head, pool=False).double()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 2, 6, 6, generator=gen, dtype=torch.float64)
+    model(x)  # the lazy head's size
+    model.train()
+    model(x)  # running statistics off their defaults
+    model.eval()
+    batches = [(x, torch.randint(0, 3, (4,), generator=gen))]
+    taken: list[bool] = []
+    real = local._depthwise_of_shared
+
+    def spy(*args: object) -> object:
+        out = real(*args)  # type: ignore[arg-type]
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(local, "_depthwise_of_shared", spy)
+    exact = splitgrow.splitting_eigen(model, loss_fn, batches, which="both")["producer"]
+    assert exact.route == "chain" and any(taken)
+    ref = torch.linalg.eigvalsh(
+        blocks(split_hessian(model, "producer", loss_fn, batches, beta=3.0))
+    )
+    scale = float(ref.abs().max())
+    assert float((exact.values - ref[:, 0]).abs().max()) <= 1e-9 * scale
+    assert float((exact.max_values - ref[:, -1]).abs().max()) <= 1e-9 * scale
+    monkeypatch.setattr(local, "_depthwise_of_shared", lambda *args: None)
+    conv = splitgrow.splitting_eigen(model, loss_fn, batches, which="both")["producer"]
+    torch.testing.assert_close(exact.values, conv.values, rtol=0, atol=1e-12 * scale)
+    torch.testing.assert_close(exact.max_values, conv.max_values, rtol=0, atol=1e-12 * scale)

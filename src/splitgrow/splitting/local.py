@@ -464,6 +464,52 @@ def _times(base: Tensor, scale: Tensor) -> Tensor:
     return torch.mul(base, scale, out=out)
 
 
+def _depthwise_of_shared(
+    conv: nn.Conv2d | None, base: Tensor, scale: Tensor | None
+) -> Tensor | None:
+    """The tangents of a depthwise conv's output, ``conv(base·scale)`` without its bias, when
+    every channel's tangent base is the same: ``base`` ``(k, B, n, H, W)`` with stride 0 along the
+    channels (a convolution producer's patch columns, broadcast to its n neurons), ``scale``
+    ``(B, n, H, W)`` the pointwise slopes between. ``None`` where that does not hold.
+
+    With X_t and s_t the k shared columns and the scale as read by kernel offset t (slices of
+    their zero-padded copies), channel i's output is Σ_t w_{i,t}·s_{t,i} ⊙ X_t: a few broadcast
+    products written straight into ``(B, n, k, H', W')``, the layout of the Gram products that
+    read them, where the conv needs the k·n products base·scale materialised first. Returned as a
+    ``(k, B, n, H', W')`` view of that layout. On MobileNet's first layer (k = 28, n = 32,
+    32×32) the exact route took 12-15% less time this way than through the conv; slicing
+    without copying X_t made the products slower than the conv."""
+    if conv is None or scale is None or base.dim() != 5 or base.stride(2) != 0:
+        return None
+    k, batch, n = base.shape[:3]
+    if conv.in_channels != n or scale.shape != (batch, n, *base.shape[3:]):
+        return None
+    if isinstance(conv.padding, str):  # "same"/"valid": left to the conv
+        return None
+    (kh, kw), (ph, pw) = conv.kernel_size, conv.padding
+    (dh, dw), (sh, sw) = conv.dilation, conv.stride
+    size = [
+        (base.shape[3] + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
+        (base.shape[4] + 2 * pw - dw * (kw - 1) - 1) // sw + 1,
+    ]
+    pad = (pw, pw, ph, ph)
+    cols = torch.nn.functional.pad(base[:, :, 0].transpose(0, 1), pad)  # (B, k, H+2p, W+2p)
+    slopes = torch.nn.functional.pad(scale, pad)  # (B, n, H+2p, W+2p)
+    weights = conv.weight.detach().reshape(n, kh * kw)
+    out = torch.empty(batch, n, k, *size, dtype=base.dtype, device=base.device)
+    for t, (i, j) in enumerate(itertools.product(range(kh), range(kw))):
+        # kernel offset t: the inputs it reads for every output position
+        rows = slice(i * dh, i * dh + sh * (size[0] - 1) + 1, sh)
+        columns = slice(j * dw, j * dw + sw * (size[1] - 1) + 1, sw)
+        s_t = slopes[:, :, rows, columns] * weights[:, t, None, None]  # (B, n, H', W')
+        x_t = cols[:, :, rows, columns].contiguous()  # (B, k, H', W')
+        if t == 0:
+            torch.mul(s_t[:, :, None], x_t[:, None], out=out)
+        else:
+            out.addcmul_(s_t[:, :, None], x_t[:, None])
+    return out.permute(2, 0, 1, 3, 4)
+
+
 def _to_bnp(t: Tensor, layout: Layout, n: int) -> Tensor:
     """A chain tensor ``(B, …)`` in layout ``layout`` as ``(B, n, P)`` (channel-major blocks)."""
     if layout.cdim == -1 and t.dim() > 2:
@@ -558,6 +604,19 @@ class ChainProblem(LocalProblem):
             if node in pointwise:  # the scale holds its slope
                 base[node] = base[chain_in[0]]
                 continue
+            a = chain_in[0]
+            if (
+                len(chain_in) == 1
+                and isinstance(self.module, nn.Conv2d)
+                and base[a] is base[self.producer]
+            ):
+                # the conv producer's patch columns, through pointwise steps only
+                pushed = _depthwise_of_shared(
+                    self._depthwise(node), base[a], scales[a] if a in pointwise else None
+                )
+                if pushed is not None:
+                    base[node] = pushed
+                    continue
             full = [
                 _times(base[a], scales[a]) if a in pointwise else base[a]  # type: ignore[arg-type]
                 for a in chain_in
@@ -591,6 +650,21 @@ class ChainProblem(LocalProblem):
             out = self.ex.run_node(node, (u, *args[1:]), kwargs)
             (slope,) = torch.autograd.grad(out, u, torch.ones_like(out), allow_unused=True)
         return out.detach(), torch.zeros_like(u) if slope is None else slope
+
+    def _depthwise(self, node: fx.Node) -> nn.Conv2d | None:
+        """The step's module if it is a depthwise 2-D conv (one filter per channel, zero
+        padding) called on its chain input alone, else ``None``."""
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            return None
+        module = self.ex.modules[str(node.target)]
+        if (
+            type(module) is not nn.Conv2d
+            or module.groups != module.in_channels
+            or module.out_channels != module.in_channels
+            or module.padding_mode != "zeros"
+        ):
+            return None
+        return module
 
     def _bias(self, node: fx.Node) -> Tensor | None:
         if node.op != "call_module":
