@@ -137,17 +137,22 @@ def test_random_chain_against_bruteforce(seed: int) -> None:
     "geometry",
     [
         {"kernel_size": 3, "padding": 1, "stride": 2},
-        {"kernel_size": 3, "padding": 0},
+        {"kernel_size": 3, "padding": "valid", "bias": True},
         {"kernel_size": (3, 2), "padding": (2, 1), "dilation": (2, 1)},
+        {"kernel_size": (2, 3), "stride": (2, 1), "padding": (3, 1), "dilation": (1, 2)},
+        {"kernel_size": 3, "padding": 1, "hooked": True},
     ],
 )
 def test_depthwise_after_a_conv_producer_takes_the_shifted_products(
     geometry: dict[str, object], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """conv → BN → act → depthwise (strided, unpadded, dilated) → BN → act → 1×1: the exact
-    route's tangents through the depthwise conv come from shifted copies of the shared patches
-    (``_depthwise_of_shared``), and equal the brute force; with that path turned off, the conv
-    gives the same matrices."""
+    """conv → BN → act → depthwise (strided, unpadded, dilated, with a bias) → BN → act → 1×1,
+    on 6×7 inputs: the exact route's tangents through the depthwise conv come from shifted
+    copies of the shared patches (``_depthwise_of_shared``), and its eigenvalues equal the brute
+    force's and, with that path turned off, the conv's. A depthwise conv with a forward hook
+    (which the shifted products would not run) goes through the conv."""
+    geometry = dict(geometry)
+    hooked = bool(geometry.pop("hooked", False))
     from splitgrow.splitting import local
 
     torch.manual_seed(0)
@@ -155,14 +160,16 @@ def test_depthwise_after_a_conv_producer_takes_the_shifted_products(
     steps = [
         nn.BatchNorm2d(n),
         nn.Softplus(),
-        nn.Conv2d(n, n, groups=n, bias=False, **geometry),  # type: ignore[arg-type]
+        nn.Conv2d(n, n, groups=n, **{"bias": False, **geometry}),  # type: ignore[arg-type]
         nn.BatchNorm2d(n),
         nn.Tanh(),
     ]
+    if hooked:
+        steps[2].register_forward_hook(lambda module, args, out: 1.5 * out)
     head = nn.Sequential(nn.Conv2d(n, 2, 1), nn.Flatten(), nn.LazyLinear(3))
     model = Chain(nn.Conv2d(2, n, 3, padding=1), steps, head, pool=False).double()
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(4, 2, 6, 6, generator=gen, dtype=torch.float64)
+    x = torch.randn(4, 2, 6, 7, generator=gen, dtype=torch.float64)
     model(x)  # the lazy head's size
     model.train()
     model(x)  # running statistics off their defaults
@@ -178,7 +185,7 @@ def test_depthwise_after_a_conv_producer_takes_the_shifted_products(
 
     monkeypatch.setattr(local, "_depthwise_of_shared", spy)
     exact = splitgrow.splitting_eigen(model, loss_fn, batches, which="both")["producer"]
-    assert exact.route == "chain" and any(taken)
+    assert exact.route == "chain" and taken and any(taken) != hooked
     ref = torch.linalg.eigvalsh(
         blocks(split_hessian(model, "producer", loss_fn, batches, beta=3.0))
     )
@@ -189,3 +196,41 @@ def test_depthwise_after_a_conv_producer_takes_the_shifted_products(
     conv = splitgrow.splitting_eigen(model, loss_fn, batches, which="both")["producer"]
     torch.testing.assert_close(exact.values, conv.values, rtol=0, atol=1e-12 * scale)
     torch.testing.assert_close(exact.max_values, conv.max_values, rtol=0, atol=1e-12 * scale)
+
+
+@pytest.mark.parametrize(
+    "geometry",
+    [
+        {"kernel_size": 3, "padding": 1},
+        {"kernel_size": 3, "stride": (3, 2), "padding": (4, 0)},  # padding beyond the kernel
+        {"kernel_size": (1, 5), "stride": (1, 4), "padding": (0, 2), "dilation": (3, 1)},
+        {"kernel_size": (3, 2), "stride": (2, 3), "padding": (1, 2), "dilation": (2, 2)},
+    ],
+)
+def test_depthwise_of_shared_is_the_conv_of_the_scaled_columns(
+    geometry: dict[str, object],
+) -> None:
+    """The shifted products equal ``conv2d(base·scale)`` without the bias, as the conv path
+    computes them, for strides, paddings, dilations and kernels that differ along the two axes
+    of a non-square input; where they do not apply (``padding="same"``, a tangent base that
+    differs between channels, a hooked module) the function declines."""
+    from splitgrow.splitting.local import _depthwise_of_shared
+
+    gen = torch.Generator().manual_seed(0)
+    k, batch, n, h, w = 4, 3, 5, 9, 11
+    cols = torch.randn(k, batch, 1, h, w, generator=gen, dtype=torch.float64)
+    base = cols.expand(k, batch, n, h, w)
+    scale = torch.rand(batch, n, h, w, generator=gen, dtype=torch.float64)
+    conv = nn.Conv2d(n, n, groups=n, **geometry).double()  # type: ignore[arg-type]
+    got = _depthwise_of_shared(conv, base, scale)
+    assert got is not None
+    folded = (base * scale).reshape(k * batch, n, h, w)
+    expected = nn.functional.conv2d(
+        folded, conv.weight, None, conv.stride, conv.padding, conv.dilation, groups=n
+    )
+    torch.testing.assert_close(
+        got, expected.view(k, batch, *expected.shape[1:]), rtol=0, atol=1e-13
+    )
+    same = nn.Conv2d(n, n, 3, groups=n, padding="same").double()
+    assert _depthwise_of_shared(same, base, scale) is None
+    assert _depthwise_of_shared(conv, base.contiguous(), scale) is None

@@ -315,26 +315,38 @@ def test_batchnorm1d_after_linear_on_3d_inputs_is_refused_on_data() -> None:
 
 
 @pytest.mark.parametrize(
-    ("n", "d", "chunk"), [(7, 5, None), (7, 5, 40), (7, 60, None), (2, 9, None)]
+    ("n", "d", "chunk", "path"),
+    [
+        (7, 5, None, "features"),
+        (7, 5, 40, "features"),
+        (7, 60, None, "grouped"),  # d above GEMM_MAX_D
+        (2, 9, None, "grouped"),  # fewer than d/2 neurons
+    ],
 )
 def test_weighted_grams_both_paths_match_the_definition(
-    n: int, d: int, chunk: int | None, monkeypatch: pytest.MonkeyPatch
+    n: int, d: int, chunk: int | None, path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from splitgrow.splitting import local
-    from splitgrow.splitting.local import GEMM_MAX_D, weighted_grams
 
     if chunk is not None:  # 40 elements: 2 rows of 15 features per chunk, the last of 1 row
         monkeypatch.setattr(local, "_CHUNK_ELEMENTS", chunk)
+    taken: list[str] = []
+    for name, attr in (("features", "_grams_from_features"), ("grouped", "_grams_grouped")):
+        real = getattr(local, attr)
+
+        def spy(x: torch.Tensor, w: torch.Tensor, real=real, name=name) -> torch.Tensor:
+            taken.append(name)
+            return real(x, w)
+
+        monkeypatch.setattr(local, attr, spy)
     gen = torch.Generator().manual_seed(d)
     x = torch.randn(301, d, generator=gen, dtype=torch.float64)
     w = torch.randn(n, 301, generator=gen, dtype=torch.float64)
     expected = torch.einsum("ip,pa,pb->iab", w, x, x)
-    got = weighted_grams(x, w)
+    got = local.weighted_grams(x, w)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-    # the features path (upper triangle, mirrored: exactly symmetric) for d = 5; the grouped
-    # one for d = 60, and for d = 9 with fewer than d/2 neurons
-    assert (d <= GEMM_MAX_D and 2 * n >= d) == (d == 5)
-    if d == 5:
+    assert taken == [path]
+    if path == "features":  # the upper triangle, mirrored: exactly symmetric
         assert torch.equal(got, got.transpose(1, 2))
 
 

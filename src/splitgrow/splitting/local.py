@@ -268,9 +268,9 @@ class ZeroProblem(LocalProblem):
 
 
 # Σ w x̃x̃ᵀ goes through x̃⊗x̃ features (d(d+1)/2 per row) in one GEMM for d up to this and at
-# least d/2 neurons; fewer neurons, or larger d, and forming the features costs more than the
-# grouped products save (measured at M = 4096-65536 rows: 1.5-6x faster at n = 32, d = 10-48;
-# 2-4x slower at n = 4)
+# least d/2 neurons; with fewer neurons, or larger d, forming the features costs more than the
+# grouped products save. Measured at d = 10, 28, 48 and M = 4096 rows: 1.8-3.0x faster at
+# n = 32, 1.8-4.5x slower at n = 4, about even near n = d/2 (8-16 at d = 28, 24 at d = 48)
 GEMM_MAX_D = 48
 
 
@@ -294,23 +294,33 @@ def weighted_grams(x: Tensor, w: Tensor) -> Tensor:
     """
     n, d = w.shape[0], x.shape[1]
     if d <= GEMM_MAX_D and 2 * n >= d:
-        upper = torch.triu_indices(d, d, device=x.device)
-        k = upper.shape[1]
-        tri = x.new_zeros(n, k)
-        step = max(1, _chunk_elements(x) // k)
-        features = x.new_empty(min(step, x.shape[0]), k)
-        for s in range(0, x.shape[0], step):
-            rows = x[s : s + step]
-            f = features[: rows.shape[0]]
-            at = 0
-            for a in range(d):  # the features x_a·x_b, b ≥ a, of every row
-                torch.mul(rows[:, a : a + 1], rows[:, a:], out=f[:, at : at + d - a])
-                at += d - a
-            tri.addmm_(w[:, s : s + step], f)
-        out = x.new_empty(n, d, d)
-        out[:, upper[0], upper[1]] = tri
-        out[:, upper[1], upper[0]] = tri
-        return out
+        return _grams_from_features(x, w)
+    return _grams_grouped(x, w)
+
+
+def _grams_from_features(x: Tensor, w: Tensor) -> Tensor:
+    n, d = w.shape[0], x.shape[1]
+    upper = torch.triu_indices(d, d, device=x.device)
+    k = upper.shape[1]
+    tri = x.new_zeros(n, k)
+    step = max(1, _chunk_elements(x) // k)
+    features = x.new_empty(min(step, x.shape[0]), k)
+    for s in range(0, x.shape[0], step):
+        rows = x[s : s + step]
+        f = features[: rows.shape[0]]
+        at = 0
+        for a in range(d):  # the features x_a·x_b, b ≥ a, of every row
+            torch.mul(rows[:, a : a + 1], rows[:, a:], out=f[:, at : at + d - a])
+            at += d - a
+        tri.addmm_(w[:, s : s + step], f)
+    out = x.new_empty(n, d, d)
+    out[:, upper[0], upper[1]] = tri
+    out[:, upper[1], upper[0]] = tri
+    return out
+
+
+def _grams_grouped(x: Tensor, w: Tensor) -> Tensor:
+    n, d = w.shape[0], x.shape[1]
     grams = x.new_empty(n, d, d)
     step = max(1, _chunk_elements(x) // max(1, x.numel()))
     for s in range(0, n, step):
@@ -481,12 +491,15 @@ def _depthwise_of_shared(
     without copying X_t made the products slower than the conv."""
     if conv is None or scale is None or base.dim() != 5 or base.stride(2) != 0:
         return None
+    if torch.is_grad_enabled() and (base.requires_grad or scale.requires_grad):
+        return None  # written with out= and in place: not for autograd
     k, batch, n = base.shape[:3]
     if conv.in_channels != n or scale.shape != (batch, n, *base.shape[3:]):
         return None
-    if isinstance(conv.padding, str):  # "same"/"valid": left to the conv
+    padding = (0, 0) if conv.padding == "valid" else conv.padding
+    if isinstance(padding, str):  # "same": left to the conv
         return None
-    (kh, kw), (ph, pw) = conv.kernel_size, conv.padding
+    (kh, kw), (ph, pw) = conv.kernel_size, padding
     (dh, dw), (sh, sw) = conv.dilation, conv.stride
     size = [
         (base.shape[3] + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
@@ -594,7 +607,9 @@ class ChainProblem(LocalProblem):
         of the layer output: the tangent of u_k is ``base · scale`` with the scale from
         :meth:`_primal`. Pointwise steps (``pointwise``) only change the unbatched scale; steps
         that mix positions (pools, depthwise convs, reshapes) materialise it, reading ``scales``
-        of their inputs only, and are pushed with the m tangents folded into the batch.
+        of their inputs only, and are pushed with the m tangents folded into the batch; except a
+        depthwise conv that reads a conv producer's patch columns through pointwise steps only,
+        whose output is built from them directly (:func:`_depthwise_of_shared`).
         Equivalent to ``vmap(jvp(chain))`` without repeating the primal."""
         base: dict[fx.Node, Tensor] = {self.producer: t}
         for node in self.chain:
@@ -604,13 +619,13 @@ class ChainProblem(LocalProblem):
             if node in pointwise:  # the scale holds its slope
                 base[node] = base[chain_in[0]]
                 continue
-            a = chain_in[0]
             if (
                 len(chain_in) == 1
                 and isinstance(self.module, nn.Conv2d)
-                and base[a] is base[self.producer]
+                and base[chain_in[0]] is base[self.producer]
             ):
                 # the conv producer's patch columns, through pointwise steps only
+                a = chain_in[0]
                 pushed = _depthwise_of_shared(
                     self._depthwise(node), base[a], scales[a] if a in pointwise else None
                 )
@@ -652,8 +667,9 @@ class ChainProblem(LocalProblem):
         return out.detach(), torch.zeros_like(u) if slope is None else slope
 
     def _depthwise(self, node: fx.Node) -> nn.Conv2d | None:
-        """The step's module if it is a depthwise 2-D conv (one filter per channel, zero
-        padding) called on its chain input alone, else ``None``."""
+        """The step's module if it is a plain depthwise 2-D conv (one filter per channel, zero
+        padding, no hooks: the tangents read its weight, not its forward) called on its chain
+        input alone, else ``None``."""
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
             return None
         module = self.ex.modules[str(node.target)]
@@ -662,6 +678,8 @@ class ChainProblem(LocalProblem):
             or module.groups != module.in_channels
             or module.out_channels != module.in_channels
             or module.padding_mode != "zeros"
+            or module._forward_hooks
+            or module._forward_pre_hooks
         ):
             return None
         return module
