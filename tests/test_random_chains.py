@@ -213,7 +213,7 @@ def test_depthwise_of_shared_is_the_conv_of_the_scaled_columns(
     """The shifted products equal ``conv2d(base·scale)`` without the bias, as the conv path
     computes them, for strides, paddings, dilations and kernels that differ along the two axes
     of a non-square input; where they do not apply (``padding="same"``, a tangent base that
-    differs between channels, a hooked module) the function declines."""
+    differs between channels) the function declines."""
     from splitgrow.splitting.local import _depthwise_of_shared
 
     gen = torch.Generator().manual_seed(0)
