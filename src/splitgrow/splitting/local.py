@@ -501,10 +501,9 @@ def _depthwise_of_shared(
         return None
     (kh, kw), (ph, pw) = conv.kernel_size, padding
     (dh, dw), (sh, sw) = conv.dilation, conv.stride
-    size = [
-        (base.shape[3] + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
-        (base.shape[4] + 2 * pw - dw * (kw - 1) - 1) // sw + 1,
-    ]
+    size = neurons.conv_output_size(
+        base.shape[3:], conv.kernel_size, conv.stride, padding, conv.dilation
+    )
     pad = (pw, pw, ph, ph)
     cols = torch.nn.functional.pad(base[:, :, 0].transpose(0, 1), pad)  # (B, k, H+2p, W+2p)
     slopes = torch.nn.functional.pad(scale, pad)  # (B, n, H+2p, W+2p)

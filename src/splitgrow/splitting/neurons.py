@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -124,6 +124,20 @@ class DensePatches:
         return self.x
 
 
+def conv_output_size(
+    spatial: Sequence[int],
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> list[int]:
+    """A convolution's output size along each spatial axis (PyTorch's rule, numeric padding)."""
+    return [
+        (n + 2 * p - q * (kk - 1) - 1) // s + 1
+        for n, kk, s, p, q in zip(spatial, kernel, stride, padding, dilation, strict=True)
+    ]
+
+
 @dataclass
 class ConvPatches:
     """A convolution's patches, kept as its input ``x`` ``(B, C, *spatial)``: X̃u is the
@@ -155,13 +169,9 @@ class ConvPatches:
 
     def t_times(self, y: Tensor) -> Tensor:
         k = y.shape[1]
-        size = [
-            (n + 2 * p - q * (kk - 1) - 1) // s + 1
-            for n, kk, s, p, q in zip(
-                self.x.shape[2:], self.kernel, self.stride, self.padding, self.dilation,
-                strict=True,
-            )
-        ]  # fmt: skip
+        size = conv_output_size(
+            self.x.shape[2:], self.kernel, self.stride, self.padding, self.dilation
+        )
         shape = (k, self.x.shape[1], *self.kernel)
         g = torch.ops.aten.convolution_backward(
             y.reshape(y.shape[0], k, *size),
